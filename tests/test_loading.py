@@ -1,0 +1,114 @@
+"""Loading real model formats from checkpoints made here: open_clip by name + file, HF folders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from xattn_cli.errors import UsageError
+from xattn_cli.models.registry import load_model, resolve
+from tests.conftest import TINY_VIT
+
+
+@pytest.fixture
+def tiny_openclip_arch(tmp_path, monkeypatch):
+    """A tiny architecture registered with open_clip under a new name, like a user's model config."""
+    import open_clip
+
+    config = tmp_path / "configs" / "xattn-tiny.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TINY_VIT | {"text_cfg": TINY_VIT["text_cfg"] | {"vocab_size": 49408,
+                                                                                 "context_length": 77}}))
+    open_clip.add_model_config(config)
+    return "xattn-tiny"
+
+
+def test_openclip_by_name_with_a_safetensors_checkpoint(tiny_openclip_arch, tmp_path):
+    import open_clip
+
+    torch.manual_seed(1)
+    reference = open_clip.create_model(tiny_openclip_arch)
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(checkpoint))
+    adapter = load_model(f"openclip:{tiny_openclip_arch}", str(checkpoint))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(adapter.model.state_dict()[key], value)
+    embedding = adapter.text_embeddings(["a dog"], ensemble=False)
+    assert embedding.shape == (1, 32)
+
+
+def test_pt_checkpoint_loads_with_weights_only(tiny_openclip_arch, tmp_path):
+    import open_clip
+
+    reference = open_clip.create_model(tiny_openclip_arch)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, checkpoint)
+    adapter = load_model(f"openclip:{tiny_openclip_arch}", str(checkpoint))
+    assert torch.equal(adapter.model.visual.proj, reference.visual.proj)
+
+
+def test_mismatched_checkpoint_names_the_first_bad_key(tiny_openclip_arch, tmp_path):
+    import open_clip
+
+    state = open_clip.create_model(tiny_openclip_arch).state_dict()
+    state["visual.proj"] = torch.zeros(3, 3)
+    checkpoint = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
+    with pytest.raises(UsageError, match="visual.proj"):
+        load_model(f"openclip:{tiny_openclip_arch}", str(checkpoint))
+
+
+def test_unknown_names_are_usage_errors():
+    for name in ("nope", "openclip:NoSuchArch", "hf:/no/such/folder"):
+        with pytest.raises(UsageError):
+            load_model(name)
+    with pytest.raises(UsageError, match="shapes-clip"):
+        load_model("clip")  # HF_HUB_OFFLINE is set by conftest: fails fast, names the bundled model
+
+
+def _save_tiny_hf_clip(folder: Path) -> "transformers.CLIPModel":
+    import transformers
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in letters:
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=1, bos_token_id=0,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=2),
+        projection_dim=16)
+    torch.manual_seed(2)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_hf_clip_folder_loads_and_explains(tmp_path):
+    from PIL import Image
+
+    from xattn_cli.explainers.surgery import SurgeryExplainer
+
+    model = _save_tiny_hf_clip(tmp_path / "hf-clip")
+    adapter = load_model(f"hf:{tmp_path / 'hf-clip'}")
+    assert adapter.native_size == (32, 32) and adapter.default_surgery_blocks == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(adapter.model.state_dict()[key], value)
+    targets = SurgeryExplainer(adapter, ["red", "blue"], ensemble=False).explain([Image.new("RGB", (50, 40))])[0]
+    assert [t.map.shape for t in targets] == [(40, 50), (40, 50)]
+
+
+def test_resolve_splits_prefixes():
+    assert resolve("openclip:ViT-B-16")[1] == "ViT-B-16"
+    assert resolve("shapes-clip")[1] is None

@@ -1,0 +1,3 @@
+from xattn_cli.cli.app import main
+
+main()

@@ -1,0 +1,34 @@
+"""Options shared by the map commands (Annotated aliases, hf-style)."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+ImagesArg = Annotated[list[str], typer.Argument(help="Image files, folders (recursive), globs, or - to read paths from stdin.",
+                                                show_default=False)]
+PretrainedOpt = Annotated[Optional[str], typer.Option("--pretrained", help="Weights: an open_clip tag or a checkpoint file (.safetensors, .pt).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for overlays, maps and results.jsonl.")]
+SaveMapsOpt = Annotated[bool, typer.Option("--save-maps", help="Also write each raw map as float32 .npy (H×W, [0, 1]).")]
+FormatOpt = Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="stdout format [default: table on a terminal, jsonl when piped].", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16/bf16 autocast (fp16 needs CUDA).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip images whose ok record and files are already in --out.")]
+MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]

@@ -1,0 +1,113 @@
+"""Running a map command: inputs → BatchRunner → stdout, with the exit codes of DESIGN §4."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from xattn_cli.cli._options import OutputFormat
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print one line on stderr; return the Exit to raise."""
+    typer.echo(f"xattn: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def resolve_format(requested: OutputFormat | None) -> OutputFormat:
+    if requested is not None:
+        return requested
+    return OutputFormat.table if sys.stdout.isatty() else OutputFormat.jsonl
+
+
+def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *, out: Path, save_maps: bool,
+                    output_format: OutputFormat | None, device: str, batch_size: int, resume: bool,
+                    max_pixels: int, quiet: bool) -> None:
+    """Expand inputs, build the explainer (usage errors → exit 2), run, print, exit 0/1/130."""
+    from xattn_cli.errors import UsageError
+    from xattn_cli.io.inputs import expand_inputs
+
+    output_format = resolve_format(output_format)
+    try:
+        paths = expand_inputs(images, sys.stdin)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    try:
+        from xattn_cli.explainers.base import resolve_device
+        from xattn_cli.runner import BatchRunner
+
+        device = resolve_device(device)
+        explainer = build_explainer(device)
+        runner = BatchRunner(explainer, out, device=device, save_maps=save_maps, batch_size=batch_size,
+                             max_pixels=max_pixels)
+    except UsageError as error:
+        raise fail(str(error)) from None
+    collected: list[dict[str, Any]] = []
+
+    def emit(record: dict[str, Any]) -> None:
+        collected.append(record)
+        if output_format is OutputFormat.jsonl:
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+
+    try:
+        with _progress(len(paths), quiet) as advance:
+            summary = runner.run(paths, resume=resume, on_record=lambda record: (emit(record), advance()))
+    except KeyboardInterrupt:
+        typer.echo("xattn: interrupted; finished items are in results.jsonl", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as error:
+        raise fail(f"cannot write to {out}: {error.strerror or error}", EXIT_ITEMS_FAILED) from None
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(collected, ensure_ascii=False, indent=2))
+    elif output_format is OutputFormat.table:
+        _print_table(collected)
+    if summary.skipped:
+        typer.echo(f"xattn: skipped {summary.skipped} finished image(s) (--resume)", err=True)
+    if summary.failed:
+        typer.echo(f"xattn: {summary.failed} of {summary.ok + summary.failed} image(s) failed; "
+                   "see their error records", err=True)
+        raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; otherwise nothing."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.enabled = total, not quiet and sys.stderr.isatty()
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.progress = Progress(console=Console(stderr=True), transient=True)
+        self.progress.start()
+        task = self.progress.add_task("explaining", total=self.total)
+        return lambda: self.progress.advance(task)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def _print_table(records: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("image", "status", "target", "score", "peak", "overlay / error")
+    for record in records:
+        if record["status"] != "ok":
+            table.add_row(record["image"], "[red]error[/red]", "", "", "",
+                          f"{record['error']['type']}: {record['error']['message']}")
+            continue
+        for target in record["targets"]:
+            table.add_row(record["image"], "ok", target["target"], f"{target['score']:.4f}",
+                          str(target["peak"]), target["overlay"])
+    Console().print(table)

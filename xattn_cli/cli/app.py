@@ -1,0 +1,53 @@
+"""The root `xattn` app. Command modules import torch only inside their functions."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from xattn_cli import __version__
+from xattn_cli.cli import models as models_cli
+from xattn_cli.cli import surgery as surgery_cli
+
+app = typer.Typer(
+    name="xattn",
+    help="Explain attention models: CLIP Surgery maps, relevancy propagation, token masks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"xattn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Explain attention models: CLIP Surgery maps, relevancy propagation, token masks."""
+
+
+app.command("surgery")(surgery_cli.surgery)
+app.command("models")(models_cli.models)
+
+
+def main() -> None:
+    """Console entry point: unexpected errors are one line (set XATTN_DEBUG=1 for the traceback)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("xattn: interrupted", err=True)
+        sys.exit(130)
+    except Exception as error:  # a bug, not a user error: keep stderr to one line unless debugging
+        if os.environ.get("XATTN_DEBUG"):
+            raise
+        typer.echo(f"xattn: internal error: {type(error).__name__}: {error}".splitlines()[0], err=True)
+        sys.exit(1)

@@ -1,0 +1,34 @@
+"""`xattn models`: the registry — names, families, methods, and whether weights are here."""
+from __future__ import annotations
+
+import json
+
+import typer
+
+from xattn_cli.cli import _options as opt
+from xattn_cli.cli._run import resolve_format
+
+
+def models(output_format: opt.FormatOpt = None) -> None:
+    """List the models xattn knows: bundled ones, public aliases and name prefixes."""
+    from xattn_cli.models.registry import list_models
+
+    rows = [{"name": spec.display_name,
+             "family": spec.family, "methods": list(spec.methods), "bundled": spec.bundled,
+             "weights": "bundled" if spec.bundled and spec.weights_available()
+             else "missing" if spec.bundled else "download or --pretrained",
+             "description": spec.description} for spec in list_models()]
+    output_format = resolve_format(output_format)
+    if output_format is opt.OutputFormat.table:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("name", "family", "methods", "weights", "description")
+        for row in rows:
+            table.add_row(row["name"], row["family"], ", ".join(row["methods"]), row["weights"], row["description"])
+        Console().print(table)
+    elif output_format is opt.OutputFormat.json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            typer.echo(json.dumps(row))

@@ -1,0 +1,48 @@
+"""`xattn surgery`: CLIP Surgery similarity maps for one or more texts.
+
+Usage:
+    xattn surgery scene.png --text "a red circle" --text "a blue star"
+    find imgs -name '*.jpg' | xattn surgery - --text dog --model openclip:ViT-B-16 --pretrained ckpt.safetensors
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xattn_cli.cli import _options as opt
+from xattn_cli.cli._run import run_map_command
+
+
+def surgery(
+    images: opt.ImagesArg,
+    text: Annotated[list[str], typer.Option("--text", "-t", help="A class name or phrase; repeat for several.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`).")] = "shapes-clip",
+    pretrained: opt.PretrainedOpt = None,
+    out: opt.OutOpt = Path("xattn-out"),
+    save_maps: opt.SaveMapsOpt = False,
+    points: Annotated[int, typer.Option("--points", min=0, help="Add up to K SAM-style positive points per target.")] = 0,
+    ensemble: Annotated[bool, typer.Option("--ensemble/--no-ensemble", help="Wrap texts in the 85 prompt templates.")] = True,
+    size: Annotated[Optional[str], typer.Option("--size", help="Model input size, N or WxH [default: the model's].")] = None,
+    blocks: Annotated[Optional[int], typer.Option("--blocks", min=1, help="Last blocks given the v-v path [default: min(6, depth) or the model config].")] = None,
+    output_format: opt.FormatOpt = None,
+    device: opt.DeviceOpt = "auto",
+    batch_size: opt.BatchSizeOpt = 8,
+    precision: opt.PrecisionOpt = opt.Precision.fp32,
+    resume: opt.ResumeOpt = False,
+    max_pixels: opt.MaxPixelsOpt = 64_000_000,
+    quiet: opt.QuietOpt = False,
+) -> None:
+    """CLIP Surgery: where in each image is each text? Writes overlays and prints scores."""
+
+    def build(device_name: str):
+        from xattn_cli.explainers.surgery import SurgeryExplainer, parse_size
+        from xattn_cli.models.registry import load_model
+
+        adapter = load_model(model, pretrained, device_name)
+        return SurgeryExplainer(adapter, text, ensemble=ensemble, size=parse_size(size), blocks=blocks,
+                                points=points, precision=precision.value)
+
+    run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
+                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet)

@@ -1,0 +1,1 @@
+"""Explainers: a loaded adapter + a method + targets → maps for batches of PIL images."""

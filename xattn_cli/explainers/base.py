@@ -1,0 +1,48 @@
+"""The interface the batch runner drives."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol, Sequence
+
+import torch
+from PIL import Image
+
+from xattn_cli.errors import UsageError
+from xattn_cli.results import TargetMap
+
+
+class Explainer(Protocol):
+    model_name: str
+    method: str
+
+    def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
+        """One list of targets per image, maps at each image's own size."""
+
+    def meta(self) -> dict[str, Any]:
+        """Run-level facts for each record's `meta` (device, precision, templates, ...)."""
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → cuda when available; 'cuda' without CUDA is a usage error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return device
+
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the model forward; fp32 runs as is."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (fp32, fp16 or bf16)")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device == "cpu" and dtype is torch.float16:
+        raise UsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)

@@ -1,0 +1,1 @@
+"""Input and output: robust image decoding, input expansion, atomic artifacts and the results log."""

@@ -1,0 +1,222 @@
+"""Output artifacts: atomic file writes, safe file names, and the results.jsonl manifest used by --resume.
+
+A killed run must never leave a half-written PNG/NPY that --resume would trust, nor names that escape
+the output folder or overwrite another image's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+RESULTS_FILE_NAME = "results.jsonl"
+FILE_KEYS = ("overlay", "map")
+"""Keys of a target entry that name an artifact file; --resume requires all present ones to exist."""
+
+_NOT_ALPHANUMERIC = re.compile(r"[\W_]+")
+_EXTENSION = re.compile(r"[a-z0-9]+")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    _atomic_write(path, lambda file: file.write(data))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Save `array` as a .npy file at exactly `path` (no extension added), atomically."""
+    _atomic_write(path, lambda file: np.save(file, np.asarray(array), allow_pickle=False))
+
+
+def atomic_save_png(path: str | Path, image: Image.Image) -> None:
+    """Save `image` as a PNG at `path`, atomically."""
+    _atomic_write(path, lambda file: image.save(file, format="PNG"))
+
+
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a hidden temporary file in the same folder, fsync it, then rename it into place.
+
+    The temporary file is removed if anything fails. It is created with `open(..., "xb")` rather than
+    `mkstemp` so the final file gets the usual umask permissions instead of 0600.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A file-name-safe form of `text`: lower-case letters and digits (Unicode ones kept) joined by "-".
+
+    Never empty (falls back to "target") and never contains "/", "\\", "." or "_", so it cannot escape a
+    folder and cannot contain the "__" that separates image stem from target in artifact names.
+    """
+    normalised = unicodedata.normalize("NFKC", text).casefold()
+    slug = _NOT_ALPHANUMERIC.sub("-", normalised).strip("-")
+    slug = slug[:max_len].rstrip("-")
+    return slug or "target"
+
+
+def _short_hash(text: str) -> str:
+    """Six hex digits of sha1(text): enough to tell colliding names apart, short enough to read."""
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:6]
+
+
+class OutputNamer:
+    """Unique, stable artifact names for the images of one run.
+
+    Each image's stem is the slug of its file stem; images whose slugs collide (same name in two
+    folders, "Dog.png" vs "dog.jpg") all get `-<sha1 of absolute path>` appended, so names do not depend
+    on input order. Targets whose slugs collide within one image ("a dog" vs "a-dog") get the same kind
+    of suffix on the later one.
+    """
+
+    def __init__(self, image_paths: Sequence[str | Path]) -> None:
+        keys = list(dict.fromkeys(os.path.abspath(path) for path in image_paths))
+        slugs = {key: slugify(Path(key).stem) for key in keys}
+        counts = Counter(slugs.values())
+        self._stems = {
+            key: f"{slug}-{_short_hash(key)}" if counts[slug] > 1 else slug for key, slug in slugs.items()
+        }
+        self._target_by_slug: dict[tuple[str, str], str] = {}
+
+    def stem(self, image_path: str | Path) -> str:
+        """The unique stem of an image of this run; KeyError for an image the namer was not given."""
+        key = os.path.abspath(image_path)
+        if key not in self._stems:
+            raise KeyError(f"{image_path} is not one of this run's images")
+        return self._stems[key]
+
+    def artifact_path(self, out_dir: str | Path, image_path: str | Path, target: str, ext: str) -> Path:
+        """`<out_dir>/<stem>__<target-slug>.<ext>`, guaranteed to lie directly inside `out_dir`."""
+        if not _EXTENSION.fullmatch(ext):
+            raise ValueError(f"invalid artifact extension {ext!r}")
+        stem = self.stem(image_path)
+        out_dir = Path(out_dir)
+        path = out_dir / f"{stem}__{self._target_slug(stem, target)}.{ext}"
+        if path.resolve().parent != out_dir.resolve():
+            raise ValueError(f"artifact name {path.name!r} escapes the output folder {out_dir}")
+        return path
+
+    def _target_slug(self, stem: str, target: str) -> str:
+        """The target's slug, suffixed with its hash when another target of the image took the slug."""
+        slug = slugify(target)
+        owner = self._target_by_slug.setdefault((stem, slug), target)
+        if owner == target:
+            return slug
+        unique = f"{slug}-{_short_hash(target)}"
+        self._target_by_slug.setdefault((stem, unique), target)
+        return unique
+
+
+def to_jsonable(value: Any) -> Any:
+    """`value` with numpy scalars/arrays, tuples and paths turned into plain JSON types, recursively.
+
+    Non-finite floats are left as they are, so `ResultsLog.append` rejects them loudly.
+    """
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class ResultsLog:
+    """The `<out_dir>/results.jsonl` manifest: one JSON record per finished image, durable per line.
+
+    Use as a context manager. Records are appended, flushed and fsynced one by one, so a killed run
+    loses at most the line being written; that truncated line is skipped when the log is read back.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / RESULTS_FILE_NAME
+        self._file = open(self.path, "a", encoding="utf-8", newline="\n")
+        if self._file.tell() > 0 and not self._ends_with_newline():
+            self._file.write("\n")  # seal a killed run's partial line so the next record parses
+
+    def _ends_with_newline(self) -> bool:
+        """Whether the existing log ends with a complete line."""
+        with open(self.path, "rb") as file:
+            file.seek(-1, io.SEEK_END)
+            return file.read(1) == b"\n"
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one record as a JSON line and make it durable before returning."""
+        line = json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False)
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def done_items(self) -> set[str]:
+        """Images whose latest record is "ok" and whose overlay/map files all still exist (for --resume).
+
+        Artifact files are looked up by name inside `out_dir`, where they always live, so the answer
+        does not depend on the working directory the earlier run used.
+        """
+        latest: dict[str, dict[str, Any]] = {}
+        with open(self.path, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                record = _parse_record(line)
+                if record is not None:
+                    latest[record["image"]] = record
+        return {image for image, record in latest.items() if self._is_complete(record)}
+
+    def _is_complete(self, record: dict[str, Any]) -> bool:
+        """Whether a record is "ok" and every artifact it names exists."""
+        if record.get("status") != "ok":
+            return False
+        targets = record.get("targets") or []
+        if not all(isinstance(target, dict) for target in targets):
+            return False
+        named = [Path(str(target[key])).name for target in targets for key in FILE_KEYS if target.get(key)]
+        return all((self.out_dir / name).is_file() for name in named)
+
+    def close(self) -> None:
+        """Close the log file."""
+        self._file.close()
+
+    def __enter__(self) -> ResultsLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """A record with a string "image" from one log line, or None for blank, truncated or foreign lines."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("image"), str):
+        return record
+    return None

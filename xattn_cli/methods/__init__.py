@@ -1,0 +1,1 @@
+"""Explanation methods: pure functions of tensors (no I/O, no model-family knowledge)."""

@@ -1,0 +1,1 @@
+"""Model adapters: everything that knows a model family lives here."""

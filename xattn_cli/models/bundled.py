@@ -1,0 +1,85 @@
+"""Registered models: the bundled shapes-* models, public aliases, and the `openclip:` / `hf:` prefixes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from xattn_cli.config import load_config, project_path
+from xattn_cli.errors import UsageError
+from xattn_cli.models.registry import register_model
+
+OFFLINE_HINT = "no model hub could be reached; use the bundled {bundled} offline"
+
+
+def require_hub(what: str, bundled: str) -> None:
+    """Fail fast, before any download retries, when the Hugging Face hub cannot be resolved."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise UsageError(f"cannot download {what}: HF_HUB_OFFLINE is set; use the bundled {bundled} offline")
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        raise UsageError(f"cannot download {what}: " + OFFLINE_HINT.format(bundled=bundled)) from None
+
+
+@register_model("shapes-clip", "clip", ("surgery",), "open_clip ViT CLIP trained on the shapes world",
+                bundled=True, weights="assets/weights/shapes-clip.safetensors")
+def shapes_clip(pretrained: str | None = None):
+    return load_bundled_clip("shapes-clip", pretrained)
+
+
+def load_bundled_clip(name: str, pretrained: str | None):
+    import torch
+
+    from xattn_cli.models.checkpoints import load_into, load_state_dict
+    from xattn_cli.models.openclip import OpenClipAdapter, build_clip
+    from xattn_cli.text import WordTokenizer
+
+    cfg = load_config(name)
+    tokenizer = WordTokenizer.from_file(project_path(cfg["vocabulary"]), cfg["arch"]["text_cfg"]["context_length"])
+    model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab))
+    weights = Path(pretrained) if pretrained else project_path(cfg["weights"])
+    load_into(model, load_state_dict(weights), str(weights))
+    adapter = OpenClipAdapter(model.float(), tokenizer, name=name)
+    adapter.default_surgery_blocks = cfg["surgery"]["blocks"]
+    size = cfg["surgery"].get("size")
+    adapter.default_surgery_size = (size, size) if size else None
+    torch.set_flush_denormal(True)  # tiny models hit denormals on CPU (DESIGN §7)
+    return adapter
+
+
+@register_model("clip", "clip", ("surgery",), "alias: open_clip ViT-B-16, OpenAI weights (downloads)")
+def clip_alias(pretrained: str | None = None):
+    return openclip_model("ViT-B-16", pretrained or "openai", bundled_hint="shapes-clip")
+
+
+@register_model("openclip", "clip", ("surgery",), "open_clip architecture by name; --pretrained TAG|PATH "
+                "(random weights without it)", prefix=True)
+def openclip_model(arch: str, pretrained: str | None = None, bundled_hint: str = "shapes-clip"):
+    import open_clip
+
+    from xattn_cli.models.checkpoints import load_into, load_state_dict
+    from xattn_cli.models.openclip import OpenClipAdapter
+
+    if arch not in open_clip.list_models():
+        raise UsageError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+    is_path = pretrained is not None and (Path(pretrained).exists() or "/" in pretrained or "." in pretrained)
+    if pretrained is not None and not is_path:
+        require_hub(f"open_clip {arch} weights {pretrained!r}", bundled_hint)
+    try:
+        model = open_clip.create_model(arch, pretrained=None if is_path else pretrained)
+    except Exception as error:  # download failures come in many types
+        raise UsageError(f"cannot load open_clip {arch} weights {pretrained!r}: {type(error).__name__}; "
+                         + OFFLINE_HINT.format(bundled=bundled_hint)) from None
+    if is_path:
+        load_into(model, load_state_dict(pretrained), pretrained)
+    return OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
+
+
+@register_model("hf", "auto", ("surgery",), "Hugging Face model folder or repo (family from its config)",
+                prefix=True)
+def hf_model(location: str, pretrained: str | None = None):
+    from xattn_cli.models.hf import load_hf
+
+    return load_hf(location)

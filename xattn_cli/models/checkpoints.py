@@ -1,0 +1,48 @@
+"""Safe weight loading: safetensors first, `torch.load(weights_only=True)` otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from xattn_cli.errors import UsageError
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises several types for bad headers
+            raise UsageError(f"cannot read checkpoint {path}: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"cannot read checkpoint {path} as plain tensors ({type(error).__name__}); "
+                         "convert it to safetensors") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load `state`, naming the first mismatched key on failure."""
+    expected = model.state_dict()
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    for key, tensor in expected.items():
+        if key not in state:
+            raise UsageError(f"checkpoint {source} does not fit the architecture: missing key {key!r}")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UsageError(f"checkpoint {source} does not fit the architecture: {key!r} has shape "
+                             f"{tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise UsageError(f"checkpoint {source} does not fit the architecture: unexpected key {unexpected[0]!r}")
+    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()})

@@ -1,0 +1,39 @@
+"""Hugging Face models by folder or repo id; the family comes from the saved config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from xattn_cli.errors import UsageError
+
+
+def load_hf(location: str):
+    """A `save_pretrained` folder (or a hub repo id, when a network is there) as an adapter."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(location)
+    except Exception as error:
+        raise UsageError(f"cannot read a Hugging Face config from {location!r}: {type(error).__name__}") from None
+    if config.model_type == "clip":
+        return _load_clip(location)
+    raise UsageError(f"Hugging Face model type {config.model_type!r} is not supported (supported: clip)")
+
+
+def _load_clip(location: str):
+    import transformers
+
+    from xattn_cli.models.hf_clip import HFClipAdapter
+
+    try:
+        model = transformers.CLIPModel.from_pretrained(location, attn_implementation="eager")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location)
+    except Exception as error:
+        raise UsageError(f"cannot load CLIP from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
+    adapter = HFClipAdapter(model.float(), tokenizer, name=f"hf:{location}")
+    processor_file = Path(location) / "preprocessor_config.json"
+    if processor_file.is_file():
+        processor = json.loads(processor_file.read_text())
+        adapter.mean = processor.get("image_mean", adapter.mean)
+        adapter.std = processor.get("image_std", adapter.std)
+    return adapter

@@ -1,0 +1,66 @@
+"""Hugging Face `CLIPModel` as a `ClipAdapter` (same surgery method, HF module names)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, merge_heads, split_heads
+from xattn_cli.models.clip import ClipAdapter
+
+
+def _layer_view(layer: torch.nn.Module) -> BlockView:
+    """A view of HF's `CLIPEncoderLayer` (separate q/k/v projections)."""
+    attention = layer.self_attn
+    heads = attention.num_heads
+
+    def qkv(normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(split_heads(proj(normed), heads)
+                     for proj in (attention.q_proj, attention.k_proj, attention.v_proj))  # 3 × (B, H, n, d)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv(layer.layer_norm1(x))
+        x = x + attention.out_proj(merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)))
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    return BlockView(
+        forward=forward,
+        norm1=layer.layer_norm1,
+        qkv=qkv,
+        attention_out=attention.out_proj,
+        ffn_residual=lambda x: x + layer.mlp(layer.layer_norm2(x)),
+    )
+
+
+class HFClipAdapter(ClipAdapter):
+    """A `transformers.CLIPModel` with its tokenizer (a callable: list of texts → dict of tensors)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable | None = None, name: str = "hf-clip"):
+        super().__init__(model)
+        self.name = name
+        vision = model.config.vision_config
+        self.native_size = (vision.image_size, vision.image_size)
+        self.patch_size = (vision.patch_size, vision.patch_size)
+        self.default_surgery_blocks = min(6, len(model.vision_model.encoder.layers))
+        self.tokenizer = tokenizer
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(texts, padding=True, return_tensors="pt")
+        output = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
+                                              attention_mask=batch["attention_mask"].to(self.device))
+        return output if torch.is_tensor(output) else output.pooler_output
+
+    def surgery_and_embedding(self, pixels: torch.Tensor,
+                              blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        vision = self.model.vision_model
+        embeddings = vision.embeddings
+        grid = self.grid(tuple(pixels.shape[-2:]))
+        tokens = embeddings.patch_embedding(pixels.to(embeddings.patch_embedding.weight.dtype))  # (B, D, gh, gw)
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = embeddings.class_embedding.expand(tokens.shape[0], 1, -1)  # (B, 1, D)
+        positions = interpolate_grid_embedding(embeddings.position_embedding.weight, grid)  # (1 + N, D)
+        tokens = vision.pre_layrnorm(torch.cat([cls, tokens], dim=1) + positions)  # (B, n, D)
+        views = [_layer_view(layer) for layer in vision.encoder.layers]
+        tokens = dual_path(tokens, views, blocks or self.default_surgery_blocks)
+        tokens = self.model.visual_projection(vision.post_layernorm(tokens))  # (B, n, E)
+        return tokens, tokens[:, 0]  # CLS comes from the original path

@@ -1,0 +1,100 @@
+"""open_clip CLIP models (ViT and ModifiedResNet towers) as `ClipAdapter`s."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, split_heads
+from xattn_cli.models.clip import ClipAdapter
+
+
+def build_clip(arch: dict, vocab_size: int | None = None) -> torch.nn.Module:
+    """An open_clip `CLIP` from an architecture dict (open_clip's model-config JSON format)."""
+    from open_clip.model import CLIP
+
+    text_cfg = dict(arch["text_cfg"])
+    if vocab_size is not None:
+        text_cfg["vocab_size"] = vocab_size
+    return CLIP(embed_dim=arch["embed_dim"], vision_cfg=arch["vision_cfg"], text_cfg=text_cfg,
+                quick_gelu=arch.get("quick_gelu", False))
+
+
+def _block_view(block: torch.nn.Module) -> BlockView:
+    """A view of open_clip's `ResidualAttentionBlock` (nn.MultiheadAttention inside)."""
+    attention = block.attn
+    heads = attention.num_heads
+
+    def qkv(normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        projected = F.linear(normed, attention.in_proj_weight, attention.in_proj_bias)  # (B, n, 3D)
+        return tuple(split_heads(part, heads) for part in projected.chunk(3, dim=-1))  # 3 × (B, H, n, d)
+
+    return BlockView(
+        forward=block,
+        norm1=block.ln_1,
+        qkv=qkv,
+        attention_out=lambda merged: block.ls_1(attention.out_proj(merged)),
+        ffn_residual=lambda x: x + block.ls_2(block.mlp(block.ln_2(x))),
+    )
+
+
+class OpenClipAdapter(ClipAdapter):
+    """An open_clip `CLIP` whose visual tower is a `VisionTransformer` or a `ModifiedResNet`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable | None = None, name: str = "openclip"):
+        super().__init__(model)
+        from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.transformer import VisionTransformer
+
+        self.name = name
+        visual = model.visual
+        self.is_resnet = isinstance(visual, ModifiedResNet)
+        if not self.is_resnet and not isinstance(visual, VisionTransformer):
+            raise TypeError(f"unsupported open_clip visual tower {type(visual).__name__}")
+        if not self.is_resnet and getattr(visual, "attn_pool", None) is not None:
+            raise TypeError("open_clip towers with attentional pooling are not supported")
+        size = visual.image_size
+        self.native_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if self.is_resnet:
+            self.patch_size = (32, 32)
+            self.default_surgery_blocks = 1
+        else:
+            patch = visual.patch_size
+            self.patch_size = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+            self.default_surgery_blocks = min(6, len(visual.transformer.resblocks))
+        self.tokenizer = tokenizer
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+    def surgery_and_embedding(self, pixels: torch.Tensor,
+                              blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.grid(tuple(pixels.shape[-2:]))
+        if self.is_resnet:
+            return self._resnet_surgery(pixels, grid)
+        visual = self.model.visual
+        tokens = visual.conv1(pixels)  # (B, D, gh, gw)
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)  # (B, 1, D)
+        positions = interpolate_grid_embedding(visual.positional_embedding, grid)  # (1 + N, D)
+        tokens = visual.ln_pre(torch.cat([cls, tokens], dim=1) + positions.to(tokens.dtype))  # (B, n, D)
+        views = [_block_view(block) for block in visual.transformer.resblocks]
+        tokens = visual.ln_post(dual_path(tokens, views, blocks or self.default_surgery_blocks)) @ visual.proj
+        return tokens, tokens[:, 0]  # (B, n, E), (B, E): CLS comes from the original path
+
+    def _resnet_surgery(self, pixels: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ModifiedResNet: the attention pool becomes v-v attention for every token (reference §2.6)."""
+        visual = self.model.visual
+        features = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))  # (B, C, h, w)
+        pool = visual.attnpool
+        tokens = features.flatten(2).transpose(1, 2)  # (B, N, C)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # (B, n, C)
+        tokens = tokens + interpolate_grid_embedding(pool.positional_embedding, grid).to(tokens.dtype)
+        values = split_heads(pool.v_proj(tokens), pool.num_heads)  # (B, H, n, d)
+        attended = F.scaled_dot_product_attention(values, values, values)  # (B, H, n, d)
+        surgery = pool.c_proj(attended.transpose(1, 2).flatten(2))  # (B, n, E)
+        query = split_heads(pool.q_proj(tokens[:, :1]), pool.num_heads)  # (B, H, 1, d)
+        keys = split_heads(pool.k_proj(tokens), pool.num_heads)  # (B, H, n, d)
+        pooled = F.scaled_dot_product_attention(query, keys, values)  # (B, H, 1, d)
+        return surgery, pool.c_proj(pooled.transpose(1, 2).flatten(2))[:, 0]  # (B, n, E), (B, E)

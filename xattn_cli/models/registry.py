@@ -1,0 +1,81 @@
+"""Model registry: names → loaders (timm-style). Importing this module does not import torch.
+
+Names are either registered (`shapes-clip`, the alias `clip`, ...) or prefixed: `openclip:ARCH` with
+`--pretrained TAG|PATH`, and `hf:DIR_OR_REPO`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from xattn_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # clip, vit, lxmert, visualbert, detr, catt
+    methods: tuple[str, ...]
+    description: str
+    loader: Callable[..., Any]  # (pretrained: str | None) -> adapter
+    bundled: bool = False
+    weights: str | None = None  # project-relative path of bundled weights
+    prefix: bool = False  # `name:ARGUMENT` forms, e.g. openclip:ViT-B-16
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.name}:..." if self.prefix else self.name
+
+    def weights_available(self) -> bool:
+        if self.weights is None:
+            return not self.bundled
+        from xattn_cli.config import project_path
+
+        return project_path(self.weights).is_file()
+
+
+_MODELS: dict[str, ModelSpec] = {}
+_PREFIXES: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, family: str, methods: tuple[str, ...], description: str, *,
+                   bundled: bool = False, weights: str | None = None, prefix: bool = False):
+    """Decorator: register `loader` under `name` (or under the prefix `name:` when `prefix`)."""
+
+    def decorate(loader: Callable[..., Any]) -> Callable[..., Any]:
+        table = _PREFIXES if prefix else _MODELS
+        if name in table:
+            warnings.warn(f"model {name!r} registered twice; the later one wins", stacklevel=2)
+        table[name] = ModelSpec(name, family, methods, description, loader, bundled, weights, prefix)
+        return loader
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    from xattn_cli.models import bundled  # noqa: F401  (registers on import)
+
+
+def list_models() -> list[ModelSpec]:
+    _ensure_loaded()
+    return list(_MODELS.values()) + [spec for spec in _PREFIXES.values()]
+
+
+def resolve(name: str) -> tuple[ModelSpec, str | None]:
+    """The spec for `name` and the argument after a prefix (`openclip:ViT-B-16` → 'ViT-B-16')."""
+    _ensure_loaded()
+    if name in _MODELS:
+        return _MODELS[name], None
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in _PREFIXES:
+        return _PREFIXES[prefix], rest
+    known = ", ".join(sorted(_MODELS)) + ", " + ", ".join(f"{p}:..." for p in sorted(_PREFIXES))
+    raise UsageError(f"unknown model {name!r} (known: {known}; see `xattn models`)")
+
+
+def load_model(name: str, pretrained: str | None = None, device: str = "cpu") -> Any:
+    """Build the adapter for `name` on `device`. Raises UsageError with a one-line reason."""
+    spec, argument = resolve(name)
+    adapter = spec.loader(argument, pretrained) if argument is not None else spec.loader(pretrained)
+    return adapter.to(device)

@@ -1,0 +1,1 @@
+"""Rendering of relevance maps: heatmap overlays for people to look at."""

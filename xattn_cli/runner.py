@@ -1,0 +1,118 @@
+"""The batch loop shared by every map command: decode, explain, write, record.
+
+Each image ends as exactly one record in `results.jsonl`, written after its files are in place;
+a bad image becomes an error record and the batch goes on.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from PIL import Image
+
+from xattn_cli.explainers.base import Explainer
+from xattn_cli.io.images import DEFAULT_MAX_PIXELS, ItemError, load_image
+from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_png
+from xattn_cli.render.overlay import overlay_heatmap
+from xattn_cli.results import TargetMap
+
+
+@dataclass
+class RunSummary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+def run_meta(explainer: Explainer, device: str) -> dict[str, Any]:
+    import torch
+
+    from xattn_cli import __version__
+
+    return {"xattn": __version__, "torch": torch.__version__, "device": device, "seed": 0, **explainer.meta()}
+
+
+def error_record(image: str, explainer: Explainer, error: BaseException) -> dict[str, Any]:
+    if isinstance(error, ItemError):
+        detail = error.to_record()
+    else:
+        detail = {"type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""}
+    return {"image": image, "status": "error", "model": explainer.model_name, "method": explainer.method,
+            "error": detail}
+
+
+class BatchRunner:
+    """Drives an explainer over image paths, writing overlays, maps and the manifest in `out_dir`."""
+
+    def __init__(self, explainer: Explainer, out_dir: str | Path, *, device: str, save_maps: bool = False,
+                 batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.explainer, self.out_dir, self.save_maps = explainer, Path(out_dir), save_maps
+        self.batch_size, self.max_pixels = max(1, batch_size), max_pixels
+        self.meta = run_meta(explainer, device)
+
+    def run(self, paths: Sequence[str], resume: bool = False,
+            on_record: Callable[[dict[str, Any]], None] = lambda record: None) -> RunSummary:
+        summary = RunSummary()
+        namer = OutputNamer(paths)
+        with ResultsLog(self.out_dir) as log:
+            done = log.done_items() if resume else set()
+            todo = [path for path in paths if path not in done]
+            summary.skipped = len(paths) - len(todo)
+            for record in self._records(todo, namer):
+                log.append(record)
+                summary.ok += record["status"] == "ok"
+                summary.failed += record["status"] != "ok"
+                on_record(record)
+        return summary
+
+    def _records(self, paths: Sequence[str], namer: OutputNamer) -> Iterator[dict[str, Any]]:
+        batch: list[tuple[str, Image.Image, float]] = []
+        for path in paths:
+            started = time.perf_counter()
+            try:
+                batch.append((path, load_image(path, self.max_pixels), started))
+            except ItemError as error:
+                yield error_record(path, self.explainer, error)
+            if len(batch) == self.batch_size:
+                yield from self._explain(batch, namer)
+                batch = []
+        if batch:
+            yield from self._explain(batch, namer)
+
+    def _explain(self, batch: list[tuple[str, Image.Image, float]], namer: OutputNamer) -> Iterator[dict[str, Any]]:
+        try:
+            explained = self.explainer.explain([image for _, image, _ in batch])
+        except Exception as error:
+            if len(batch) > 1:  # find the item that fails; the others still get their results
+                for item in batch:
+                    yield from self._explain([item], namer)
+            else:
+                yield error_record(batch[0][0], self.explainer, error)
+            return
+        for (path, image, started), targets in zip(batch, explained):
+            try:
+                record = self._write(path, image, targets, namer)
+            except OSError as error:
+                yield error_record(path, self.explainer, error)
+                continue
+            record["meta"] = {**self.meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}
+            yield record
+
+    def _write(self, path: str, image: Image.Image, targets: list[TargetMap], namer: OutputNamer) -> dict[str, Any]:
+        entries = []
+        for target in targets:
+            entry = target.to_json()
+            overlay_path = namer.artifact_path(self.out_dir, path, target.target, "png")
+            points = target.extra.get("points")
+            atomic_save_png(overlay_path, overlay_heatmap(image, target.map, points=points))
+            entry["overlay"] = str(overlay_path)
+            entry["map"] = None
+            if self.save_maps:
+                map_path = namer.artifact_path(self.out_dir, path, target.target, "npy")
+                atomic_save_npy(map_path, target.map)
+                entry["map"] = str(map_path)
+            entries.append(entry)
+        return {"image": path, "status": "ok", "model": self.explainer.model_name,
+                "method": self.explainer.method, "size": [image.width, image.height], "targets": entries}

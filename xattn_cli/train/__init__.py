@@ -1,0 +1,1 @@
+"""Seeded recipes that produce the bundled weights in assets/weights/."""

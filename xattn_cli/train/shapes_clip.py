@@ -1,0 +1,191 @@
+"""Train `shapes-clip`: a tiny open_clip ViT CLIP on the shapes world (seeded, resumable).
+
+    python -m xattn_cli.train.shapes_clip --steps 7000 --work /tmp/shapes-clip-run
+
+Losses (DESIGN §7): multi-positive InfoNCE between images and object captions (a text is a positive
+of every image that contains its object, so the 36 classes cause no false negatives), a zero-shot
+loss against the 36 class captions, and an auxiliary shape head on the image embedding (dropped after
+training) because shape is learnt far more slowly than colour. Half the captions are wrapped in one of
+the 85 ensemble templates so that ensemble prompts stay in distribution.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from xattn_cli.config import load_config, project_path
+from xattn_cli.models.openclip import build_clip
+from xattn_cli.text import WordTokenizer, build_vocabulary, ensemble_templates
+from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
+
+CLASS_CAPTIONS = [f"a {color} {shape}" for shape in SHAPES for color in COLORS]  # index = shape * 6 + colour
+TRAIN_SEED, EVAL_SEED = 1, 10_000
+EXTRA_WORDS = CLASS_CAPTIONS + ["next to and , what colour shape is there yes no ?"]
+
+
+def class_index(shape: str, color: str) -> int:
+    return SHAPES.index(shape) * len(COLORS) + COLORS.index(color)
+
+
+def normalize_pixels(images: np.ndarray | torch.Tensor, cfg: dict) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → normalised float (B, 3, H, W)."""
+    mean = torch.tensor(cfg["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["preprocess"]["std"]).view(1, 3, 1, 1)
+    pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+    return (pixels - mean) / std
+
+
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Batch `step` of the training stream is a pure function of (seed, step)."""
+
+    def __init__(self, batch_size: int, size: int, start_step: int, templates: list[str]):
+        self.batch_size, self.size, self.start_step, self.templates = batch_size, size, start_step, templates
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            rng = np.random.default_rng([TRAIN_SEED, step, 7])
+            images, present, captions, caption_class = [], [], [], []
+            for i in range(self.batch_size):
+                n_objects = 1 if rng.random() < 0.4 else int(rng.integers(2, 5))
+                scene = scene_at(TRAIN_SEED, step * self.batch_size + i, size=self.size, n_objects=n_objects)
+                images.append(np.asarray(scene.image))
+                labels = np.zeros(len(CLASS_CAPTIONS), dtype=np.float32)
+                for obj in scene.objects:
+                    labels[class_index(obj.shape, obj.color)] = 1
+                present.append(labels)
+                obj = scene.objects[int(rng.integers(len(scene.objects)))]
+                caption = obj.caption
+                if rng.random() < 0.5:
+                    caption = self.templates[int(rng.integers(len(self.templates)))].format(caption)
+                captions.append(caption)
+                caption_class.append(class_index(obj.shape, obj.color))
+            yield step, np.stack(images), np.stack(present), captions, np.array(caption_class)
+            step += 1
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against targets spread uniformly over each row's positives."""
+    weights = targets / targets.sum(dim=1, keepdim=True)
+    return -(weights * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, cfg: dict, n: int = 360, size: int = 64) -> float:
+    """Top-1 over the 36 plain class captions on held-out single-object scenes."""
+    model.eval()
+    scenes = [scene_at(EVAL_SEED, i, size=size, n_objects=1) for i in range(n)]
+    pixels = normalize_pixels(np.stack([np.asarray(s.image) for s in scenes]), cfg)
+    image_emb = F.normalize(model.encode_image(pixels), dim=-1)
+    text_emb = F.normalize(model.encode_text(tokenizer(CLASS_CAPTIONS)), dim=-1)
+    predicted = (image_emb @ text_emb.T).argmax(dim=1)
+    truth = torch.tensor([class_index(s.objects[0].shape, s.objects[0].color) for s in scenes])
+    model.train()
+    return (predicted == truth).float().mean().item()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    cfg = load_config("shapes-clip")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = WordTokenizer(build_vocabulary(EXTRA_WORDS), cfg["arch"]["text_cfg"]["context_length"])
+    model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab))
+    shape_head = torch.nn.Linear(cfg["arch"]["embed_dim"], len(SHAPES))
+    params = list(model.parameters()) + list(shape_head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    start = 0
+    checkpoint = work / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        shape_head.load_state_dict(state["shape_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"] + 1
+    templates = ensemble_templates()
+    loader = torch.utils.data.DataLoader(
+        SceneBatches(args.batch_size, cfg["arch"]["vision_cfg"]["image_size"], start, templates),
+        batch_size=None, num_workers=1, prefetch_factor=4)
+    log = open(work / "log.jsonl", "a")
+    model.train()
+    began = time.time()
+    for step, images, present, captions, caption_class in loader:
+        if step >= args.steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        rng = np.random.default_rng([TRAIN_SEED, step, 11])
+        class_prompts = [templates[int(rng.integers(len(templates)))].format(c) if rng.random() < 0.5 else c
+                         for c in CLASS_CAPTIONS]
+        pixels = normalize_pixels(images, cfg)
+        present = torch.as_tensor(present)  # (B, 36)
+        tokens = tokenizer(captions + class_prompts)  # (B + 36, ctx)
+        image_emb, text_emb, logit_scale = model(pixels, tokens)
+        caption_emb, class_emb = text_emb[: len(captions)], text_emb[len(captions):]
+        positives = present[:, torch.as_tensor(caption_class)]  # (B images, B captions)
+        logits = logit_scale * image_emb @ caption_emb.T  # (B, B)
+        contrastive = 0.5 * (soft_cross_entropy(logits, positives) + soft_cross_entropy(logits.T, positives.T))
+        zero_shot = soft_cross_entropy(logit_scale * image_emb @ class_emb.T, present)
+        shapes_present = present.view(-1, len(SHAPES), len(COLORS)).amax(dim=2)  # (B, 6)
+        shape_loss = F.binary_cross_entropy_with_logits(shape_head(image_emb * 10), shapes_present)
+        loss = contrastive + zero_shot + args.shape_weight * shape_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        record = {"step": step, "loss": round(loss.item(), 4), "contrastive": round(contrastive.item(), 4),
+                  "zero_shot": round(zero_shot.item(), 4), "shape": round(shape_loss.item(), 4),
+                  "elapsed_s": round(time.time() - began, 1)}
+        if step % args.eval_every == 0 or step == args.steps - 1:
+            record["zero_shot_acc"] = zero_shot_accuracy(model, tokenizer, cfg)
+            torch.save({"model": model.state_dict(), "shape_head": shape_head.state_dict(),
+                        "optimizer": optimizer.state_dict(), "step": step}, work / "checkpoint.tmp")
+            (work / "checkpoint.tmp").replace(checkpoint)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    export(model, tokenizer, work, args)
+
+
+def export(model, tokenizer: WordTokenizer, work: Path, args: argparse.Namespace) -> None:
+    """Weights as fp16 safetensors + the vocabulary file, in `work/` (copy to assets/ when final)."""
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(work / "shapes-clip.safetensors"),
+              metadata={"recipe": "xattn_cli.train.shapes_clip", "steps": str(args.steps), "seed": str(args.seed)})
+    tokenizer.save(work / "shapes-clip.vocab.txt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/shapes-clip-run", help="checkpoints, log and exported weights")
+    parser.add_argument("--steps", type=int, default=7000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--shape-weight", type=float, default=0.5)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
