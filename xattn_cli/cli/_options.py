@@ -32,3 +32,4 @@ PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or f
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip images whose ok record and files are already in --out.")]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]
+TrustCheckpointOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle checkpoints that can run code (only for sources you trust).")]

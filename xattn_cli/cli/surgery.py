@@ -20,6 +20,7 @@ def surgery(
     text: Annotated[list[str], typer.Option("--text", "-t", help="A class name or phrase; repeat for several.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`).")] = "shapes-clip",
     pretrained: opt.PretrainedOpt = None,
+    trust_checkpoint: opt.TrustCheckpointOpt = False,
     out: opt.OutOpt = Path("xattn-out"),
     save_maps: opt.SaveMapsOpt = False,
     points: Annotated[int, typer.Option("--points", min=0, help="Add up to K SAM-style positive points per target.")] = 0,
@@ -40,7 +41,7 @@ def surgery(
         from xattn_cli.explainers.surgery import SurgeryExplainer, parse_size
         from xattn_cli.models.registry import load_model
 
-        adapter = load_model(model, pretrained, device_name)
+        adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
         return SurgeryExplainer(adapter, text, ensemble=ensemble, size=parse_size(size), blocks=blocks,
                                 points=points, precision=precision.value)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from xattn_cli.errors import UsageError
 from xattn_cli.explainers.base import autocast
+from xattn_cli.io.images import ItemError
 from xattn_cli.methods.surgery import feature_surgery, min_max, similarity_map, similarity_to_points
 from xattn_cli.models.clip import ClipAdapter
 from xattn_cli.results import TargetMap
@@ -75,8 +76,8 @@ class SurgeryExplainer:
         grid = self.adapter.grid(self.size)
         results = []
         for i, image in enumerate(images):
-            if not torch.isfinite(similarity[i]).all():
-                raise FloatingPointError("the model produced non-finite features for this image")
+            if not (torch.isfinite(similarity[i]).all() and torch.isfinite(scores[i]).all()):
+                raise ItemError("NonFiniteOutput", "the model produced non-finite features for this image")
             size = (image.height, image.width)
             maps = similarity_map(similarity[i : i + 1], grid, size)[0].cpu().numpy()  # (K, H, W)
             targets = []

@@ -25,11 +25,11 @@ def require_hub(what: str, bundled: str) -> None:
 
 @register_model("shapes-clip", "clip", ("surgery",), "open_clip ViT CLIP trained on the shapes world",
                 bundled=True, weights="assets/weights/shapes-clip.safetensors")
-def shapes_clip(pretrained: str | None = None):
-    return load_bundled_clip("shapes-clip", pretrained)
+def shapes_clip(pretrained: str | None = None, *, trust_checkpoint: bool = False):
+    return load_bundled_clip("shapes-clip", pretrained, trust_checkpoint)
 
 
-def load_bundled_clip(name: str, pretrained: str | None):
+def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool = False):
     import torch
 
     from xattn_cli.models.checkpoints import load_into, load_state_dict
@@ -40,7 +40,7 @@ def load_bundled_clip(name: str, pretrained: str | None):
     tokenizer = WordTokenizer.from_file(project_path(cfg["vocabulary"]), cfg["arch"]["text_cfg"]["context_length"])
     model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab))
     weights = Path(pretrained) if pretrained else project_path(cfg["weights"])
-    load_into(model, load_state_dict(weights), str(weights))
+    load_into(model, load_state_dict(weights, trust_checkpoint), str(weights))
     adapter = OpenClipAdapter(model.float(), tokenizer, name=name)
     adapter.default_surgery_blocks = cfg["surgery"]["blocks"]
     size = cfg["surgery"].get("size")
@@ -50,13 +50,13 @@ def load_bundled_clip(name: str, pretrained: str | None):
 
 
 @register_model("clip", "clip", ("surgery",), "alias: open_clip ViT-B-16, OpenAI weights (downloads)")
-def clip_alias(pretrained: str | None = None):
-    return openclip_model("ViT-B-16", pretrained or "openai", bundled_hint="shapes-clip")
+def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
+    return openclip_model("ViT-B-16", pretrained or "openai", trust_checkpoint=trust_checkpoint)
 
 
 @register_model("openclip", "clip", ("surgery",), "open_clip architecture by name; --pretrained TAG|PATH "
                 "(random weights without it)", prefix=True)
-def openclip_model(arch: str, pretrained: str | None = None, bundled_hint: str = "shapes-clip"):
+def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     import open_clip
 
     from xattn_cli.models.checkpoints import load_into, load_state_dict
@@ -66,20 +66,20 @@ def openclip_model(arch: str, pretrained: str | None = None, bundled_hint: str =
         raise UsageError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
     is_path = pretrained is not None and (Path(pretrained).exists() or "/" in pretrained or "." in pretrained)
     if pretrained is not None and not is_path:
-        require_hub(f"open_clip {arch} weights {pretrained!r}", bundled_hint)
+        require_hub(f"open_clip {arch} weights {pretrained!r}", "shapes-clip")
     try:
         model = open_clip.create_model(arch, pretrained=None if is_path else pretrained)
     except Exception as error:  # download failures come in many types
         raise UsageError(f"cannot load open_clip {arch} weights {pretrained!r}: {type(error).__name__}; "
-                         + OFFLINE_HINT.format(bundled=bundled_hint)) from None
+                         + OFFLINE_HINT.format(bundled="shapes-clip")) from None
     if is_path:
-        load_into(model, load_state_dict(pretrained), pretrained)
+        load_into(model, load_state_dict(pretrained, trust_checkpoint), pretrained)
     return OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
 
 
 @register_model("hf", "auto", ("surgery",), "Hugging Face model folder or repo (family from its config)",
                 prefix=True)
-def hf_model(location: str, pretrained: str | None = None):
+def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     from xattn_cli.models.hf import load_hf
 
     return load_hf(location)

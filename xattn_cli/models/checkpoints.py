@@ -1,6 +1,7 @@
 """Safe weight loading: safetensors first, `torch.load(weights_only=True)` otherwise."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -8,8 +9,8 @@ import torch
 from xattn_cli.errors import UsageError
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, never unpickling arbitrary objects."""
+def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file. Arbitrary pickle (which can run code) only with `trust_checkpoint`."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
@@ -21,10 +22,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises several types for bad headers
             raise UsageError(f"cannot read checkpoint {path}: {error}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError:
+        raise UsageError(f"checkpoint {path} needs arbitrary pickle, which can run code; pass "
+                         "--trust-checkpoint only if you trust its source, or convert it to safetensors") from None
     except Exception as error:
-        raise UsageError(f"cannot read checkpoint {path} as plain tensors ({type(error).__name__}); "
-                         "convert it to safetensors") from None
+        raise UsageError(f"cannot read checkpoint {path}: {type(error).__name__}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -18,7 +18,7 @@ class ModelSpec:
     family: str  # clip, vit, lxmert, visualbert, detr, catt
     methods: tuple[str, ...]
     description: str
-    loader: Callable[..., Any]  # (pretrained: str | None) -> adapter
+    loader: Callable[..., Any]  # ([argument,] pretrained, *, trust_checkpoint) -> adapter
     bundled: bool = False
     weights: str | None = None  # project-relative path of bundled weights
     prefix: bool = False  # `name:ARGUMENT` forms, e.g. openclip:ViT-B-16
@@ -74,8 +74,12 @@ def resolve(name: str) -> tuple[ModelSpec, str | None]:
     raise UsageError(f"unknown model {name!r} (known: {known}; see `xattn models`)")
 
 
-def load_model(name: str, pretrained: str | None = None, device: str = "cpu") -> Any:
-    """Build the adapter for `name` on `device`. Raises UsageError with a one-line reason."""
+def load_model(name: str, pretrained: str | None = None, device: str = "cpu", *,
+               trust_checkpoint: bool = False) -> Any:
+    """Build the adapter for `name` on `device`. Raises UsageError with a one-line reason.
+
+    `trust_checkpoint` allows pickle checkpoints that are more than plain tensors (they can run code).
+    """
     spec, argument = resolve(name)
-    adapter = spec.loader(argument, pretrained) if argument is not None else spec.loader(pretrained)
-    return adapter.to(device)
+    arguments = (pretrained,) if argument is None else (argument, pretrained)
+    return spec.loader(*arguments, trust_checkpoint=trust_checkpoint).to(device)
