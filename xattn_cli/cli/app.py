@@ -9,6 +9,7 @@ import typer
 
 from xattn_cli import __version__
 from xattn_cli.cli import models as models_cli
+from xattn_cli.cli import relevancy as relevancy_cli
 from xattn_cli.cli import surgery as surgery_cli
 
 app = typer.Typer(
@@ -36,14 +37,27 @@ def root(
 
 
 app.command("surgery")(surgery_cli.surgery)
+app.command("relevancy")(relevancy_cli.relevancy)
 app.command("models")(models_cli.models)
 
 
 def main() -> None:
-    """Console entry point: unexpected errors are one line (set XATTN_DEBUG=1 for the traceback)."""
+    """Console entry point: usage and unexpected errors are one line (XATTN_DEBUG=1 shows tracebacks)."""
+    try:  # typer ≥ 0.16 vendors click
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except click_errors.ClickException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":
+            error.show()  # the help text, as with --help
+        else:
+            message = " ".join(error.format_message().split())
+            typer.echo(f"xattn: error: {message} (see --help)", err=True)
+        sys.exit(error.exit_code)
+    except (KeyboardInterrupt, click_errors.Abort):
         typer.echo("xattn: interrupted", err=True)
         sys.exit(130)
     except Exception as error:  # a bug, not a user error: keep stderr to one line unless debugging
@@ -51,3 +65,4 @@ def main() -> None:
             raise
         typer.echo(f"xattn: internal error: {type(error).__name__}: {error}".splitlines()[0], err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

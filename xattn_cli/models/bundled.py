@@ -23,7 +23,7 @@ def require_hub(what: str, bundled: str) -> None:
         raise UsageError(f"cannot download {what}: " + OFFLINE_HINT.format(bundled=bundled)) from None
 
 
-@register_model("shapes-clip", "clip", ("surgery",), "open_clip ViT CLIP trained on the shapes world",
+@register_model("shapes-clip", "clip", ("surgery", "relevancy"), "open_clip ViT CLIP trained on the shapes world",
                 bundled=True, weights="assets/weights/shapes-clip.safetensors")
 def shapes_clip(pretrained: str | None = None, *, trust_checkpoint: bool = False):
     return load_bundled_clip("shapes-clip", pretrained, trust_checkpoint)
@@ -49,12 +49,12 @@ def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool 
     return adapter
 
 
-@register_model("clip", "clip", ("surgery",), "alias: open_clip ViT-B-16, OpenAI weights (downloads)")
+@register_model("clip", "clip", ("surgery", "relevancy"), "alias: open_clip ViT-B-16, OpenAI weights (downloads)")
 def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
     return openclip_model("ViT-B-16", pretrained or "openai", trust_checkpoint=trust_checkpoint)
 
 
-@register_model("openclip", "clip", ("surgery",), "open_clip architecture by name; --pretrained TAG|PATH "
+@register_model("openclip", "clip", ("surgery", "relevancy"), "open_clip architecture by name; --pretrained TAG|PATH "
                 "(random weights without it)", prefix=True)
 def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     import open_clip
@@ -77,9 +77,58 @@ def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint
     return OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
 
 
-@register_model("hf", "auto", ("surgery",), "Hugging Face model folder or repo (family from its config)",
-                prefix=True)
-def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
+@register_model("shapes-vit", "vit", ("relevancy",), "Hugging Face ViT: which shapes are in the scene",
+                bundled=True, weights="assets/weights/shapes-vit.safetensors")
+def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False):
+    import torch
+
+    from xattn_cli.models.checkpoints import load_into, load_state_dict
+    from xattn_cli.models.vit import HFViTAdapter
+    from xattn_cli.train.shapes_vit import build_vit
+
+    cfg = load_config("shapes-vit")
+    model = build_vit(cfg)
+    weights = Path(pretrained) if pretrained else project_path(cfg["weights"])
+    load_into(model, load_state_dict(weights, trust_checkpoint), str(weights))
+    adapter = HFViTAdapter(model.float(), name="shapes-vit")
+    adapter.mean, adapter.std = cfg["preprocess"]["mean"], cfg["preprocess"]["std"]
+    torch.set_flush_denormal(True)
+    return adapter
+
+
+@register_model("vit", "vit", ("relevancy",), "alias: google/vit-base-patch16-224 (downloads)")
+def vit_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
+    location = pretrained or "google/vit-base-patch16-224"
+    if not Path(location).exists():
+        require_hub(location, "shapes-vit")
     from xattn_cli.models.hf import load_hf
 
     return load_hf(location)
+
+
+@register_model("hf", "auto", ("surgery", "relevancy"), "Hugging Face model folder or repo (family from its config)",
+                prefix=True)
+def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
+    if not Path(location).exists():
+        require_hub(location, "shapes-* model of the same family")
+    from xattn_cli.models.hf import load_hf
+
+    return load_hf(location)
+
+
+@register_model("timm", "vit", ("relevancy",), "timm ViT by name; --pretrained PATH (random weights without it)",
+                prefix=True)
+def timm_model(name: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
+    import timm
+
+    from xattn_cli.models.checkpoints import load_into, load_state_dict
+    from xattn_cli.models.vit import TimmViTAdapter
+
+    if name not in timm.list_models():
+        raise UsageError(f"unknown timm model {name!r} (see timm.list_models())")
+    model = timm.create_model(name, pretrained=False)
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise UsageError(f"timm model {name!r} is not a plain ViT; relevancy needs one")
+    if pretrained:
+        load_into(model, load_state_dict(pretrained, trust_checkpoint), pretrained)
+    return TimmViTAdapter(model, name=f"timm:{name}")

@@ -62,7 +62,31 @@ class ClipAdapter:
     # Subclass API -------------------------------------------------------------------------------
     patch_size: tuple[int, int]
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:  # (K, E), not normalised
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """(K, E) text embeddings, not normalised."""
+        return self.encode_tokens(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Model inputs for the text tower; always holds "input_ids" (K, L)."""
+        raise NotImplementedError
+
+    def encode_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pooled_index(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(K,) position of the token each text embedding is read from (end of text)."""
+        raise NotImplementedError
+
+    def token_words(self, batch: dict[str, torch.Tensor], row: int) -> list[str]:
+        """The token strings of one row, position by position."""
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, E) image embeddings at the native input size, not normalised."""
+        raise NotImplementedError
+
+    def attention_sites(self) -> list:
+        """`AttentionSite`s of the vision tower (stream "vision") and the text tower ("text")."""
         raise NotImplementedError
 
     def surgery_features(self, pixels: torch.Tensor, blocks: int | None = None) -> torch.Tensor:

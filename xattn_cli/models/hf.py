@@ -17,7 +17,30 @@ def load_hf(location: str):
         raise UsageError(f"cannot read a Hugging Face config from {location!r}: {type(error).__name__}") from None
     if config.model_type == "clip":
         return _load_clip(location)
-    raise UsageError(f"Hugging Face model type {config.model_type!r} is not supported (supported: clip)")
+    if config.model_type == "vit":
+        return _load_vit(location)
+    raise UsageError(f"Hugging Face model type {config.model_type!r} is not supported (supported: clip, vit)")
+
+
+def _read_processor(location: str) -> dict:
+    processor_file = Path(location) / "preprocessor_config.json"
+    return json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+
+
+def _load_vit(location: str):
+    import transformers
+
+    from xattn_cli.models.vit import HFViTAdapter
+
+    try:
+        model = transformers.ViTForImageClassification.from_pretrained(location)
+    except Exception as error:
+        raise UsageError(f"cannot load ViT from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
+    adapter = HFViTAdapter(model.float(), name=f"hf:{location}")
+    processor = _read_processor(location)
+    adapter.mean = processor.get("image_mean", adapter.mean)
+    adapter.std = processor.get("image_std", adapter.std)
+    return adapter
 
 
 def _load_clip(location: str):
@@ -31,9 +54,7 @@ def _load_clip(location: str):
     except Exception as error:
         raise UsageError(f"cannot load CLIP from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
     adapter = HFClipAdapter(model.float(), tokenizer, name=f"hf:{location}")
-    processor_file = Path(location) / "preprocessor_config.json"
-    if processor_file.is_file():
-        processor = json.loads(processor_file.read_text())
-        adapter.mean = processor.get("image_mean", adapter.mean)
-        adapter.std = processor.get("image_std", adapter.std)
+    processor = _read_processor(location)
+    adapter.mean = processor.get("image_mean", adapter.mean)
+    adapter.std = processor.get("image_std", adapter.std)
     return adapter

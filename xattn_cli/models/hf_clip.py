@@ -44,11 +44,34 @@ class HFClipAdapter(ClipAdapter):
         self.default_surgery_blocks = min(6, len(model.vision_model.encoder.layers))
         self.tokenizer = tokenizer
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
-        output = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
-                                              attention_mask=batch["attention_mask"].to(self.device))
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+
+    def encode_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        output = self.model.get_text_features(**batch)
         return output if torch.is_tensor(output) else output.pooler_output
+
+    def pooled_index(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        eos = self.model.config.text_config.eos_token_id
+        ids = batch["input_ids"]
+        if eos == 2:  # legacy CLIP configs: HF pools at the largest id, as OpenAI does
+            return ids.argmax(dim=-1)
+        return (ids == eos).int().argmax(dim=-1)
+
+    def token_words(self, batch: dict[str, torch.Tensor], row: int) -> list[str]:
+        return [t.replace("</w>", "") for t in self.tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.model.get_image_features(pixel_values=pixels)
+        return output if torch.is_tensor(output) else output.pooler_output
+
+    def attention_sites(self) -> list:
+        from xattn_cli.capture import AttentionSite
+
+        vision, text = self.model.vision_model.encoder.layers, self.model.text_model.encoder.layers
+        return ([AttentionSite(layer.self_attn, "self", "vision", i, "hf") for i, layer in enumerate(vision)]
+                + [AttentionSite(layer.self_attn, "self", "text", i, "hf") for i, layer in enumerate(text)])
 
     def surgery_and_embedding(self, pixels: torch.Tensor,
                               blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,8 +65,28 @@ class OpenClipAdapter(ClipAdapter):
             self.default_surgery_blocks = min(6, len(visual.transformer.resblocks))
         self.tokenizer = tokenizer
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokenizer(texts).to(self.device)}  # (K, ctx)
+
+    def encode_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.encode_text(batch["input_ids"])
+
+    def pooled_index(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["input_ids"].argmax(dim=-1)  # open_clip pools at the largest id: end of text
+
+    def token_words(self, batch: dict[str, torch.Tensor], row: int) -> list[str]:
+        ids = batch["input_ids"][row].tolist()
+        vocabulary = getattr(self.tokenizer, "vocab", None)
+        if vocabulary is not None:  # our word tokenizer
+            return [vocabulary[i] for i in ids]
+        decoder = getattr(self.tokenizer, "decoder", {})  # open_clip's BPE tokenizer
+        return [decoder.get(i, str(i)).replace("</w>", "") for i in ids]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def attention_sites(self) -> list:
+        return attention_sites(self.model)
 
     def surgery_and_embedding(self, pixels: torch.Tensor,
                               blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,3 +118,17 @@ class OpenClipAdapter(ClipAdapter):
         keys = split_heads(pool.k_proj(tokens), pool.num_heads)  # (B, H, n, d)
         pooled = F.scaled_dot_product_attention(query, keys, values)  # (B, H, 1, d)
         return surgery, pool.c_proj(pooled.transpose(1, 2).flatten(2))[:, 0]  # (B, n, E), (B, E)
+
+
+def attention_sites(model: torch.nn.Module) -> list:
+    """Every self-attention of an open_clip ViT CLIP: vision blocks, then text blocks."""
+    from xattn_cli.capture import AttentionSite
+
+    visual = model.visual
+    if not hasattr(visual, "transformer"):
+        from xattn_cli.errors import UsageError
+
+        raise UsageError("relevancy needs a transformer vision tower; this open_clip model is a ResNet")
+    sites = [AttentionSite(block, "self", "vision", i, "mha") for i, block in enumerate(visual.transformer.resblocks)]
+    sites += [AttentionSite(block, "self", "text", i, "mha") for i, block in enumerate(model.transformer.resblocks)]
+    return sites

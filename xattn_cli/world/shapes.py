@@ -128,9 +128,12 @@ def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[tupl
     return centres
 
 
-def _pick_attributes(rng: np.random.Generator, count: int, share_prob: float,
-                     color_bias: float) -> list[tuple[str, str]]:
+def _pick_attributes(rng: np.random.Generator, count: int, share_prob: float, color_bias: float,
+                     distinct_shapes: bool) -> list[tuple[str, str]]:
     """(shape, colour) pairs, all distinct; with `share_prob` two objects share a colour or a shape."""
+    if distinct_shapes:
+        shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), size=count, replace=False)]
+        return [(shape, COLORS[int(rng.integers(len(COLORS)))]) for shape in shapes]
     while True:
         pairs = []
         for _ in range(count):
@@ -178,7 +181,7 @@ def _questions(rng: np.random.Generator, objects: list[SceneObject]) -> list[dic
 
 
 def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None = None,
-               share_prob: float = 0.5, color_bias: float = 0.0) -> Scene:
+               share_prob: float = 0.5, color_bias: float = 0.0, distinct_shapes: bool = False) -> Scene:
     """Draw one scene.
 
     Args:
@@ -188,11 +191,12 @@ def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None =
         share_prob: probability that two objects share a colour or a shape (so that colour alone cannot
             win the pointing game).
         color_bias: probability that an object takes its shape's own colour (the confounded world).
+        distinct_shapes: every object has a different shape (for shape classifiers).
     """
     count = int(n_objects or rng.integers(1, 5))
     if not 1 <= count <= 4:
         raise ValueError(f"n_objects must be in 1..4, got {count}")
-    pairs = _pick_attributes(rng, count, share_prob, color_bias)
+    pairs = _pick_attributes(rng, count, share_prob, color_bias, distinct_shapes)
     scale = {1: (0.20, 0.34), 2: (0.14, 0.22), 3: (0.12, 0.18), 4: (0.11, 0.16)}[count]
     while True:
         radii = sorted((rng.uniform(*scale) * size for _ in range(count)), reverse=True)

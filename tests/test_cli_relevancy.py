@@ -1,0 +1,87 @@
+"""`xattn relevancy` through CliRunner: classifiers, CLIP texts, HF folders, timm names, usage errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from xattn_cli.cli.app import app
+from xattn_cli.world.shapes import SHAPES, scene_at
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "scene.png"
+    scene_at(8, 0, size=96, n_objects=2, distinct_shapes=True).image.save(path)
+    return path
+
+
+def invoke(image: Path, tmp_path: Path, *args: str):
+    return runner.invoke(app, ["relevancy", str(image), "-o", str(tmp_path / "out"), "-f", "jsonl", "--save-maps",
+                               *args])
+
+
+@pytest.mark.parametrize("method", ["chefer", "rollout", "raw", "attn-gradcam"])
+def test_default_classifier_explains_its_predictions(image, tmp_path, method):
+    result = invoke(image, tmp_path, "--method", method)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["model"] == "shapes-vit" and record["method"] == method
+    assert record["targets"]
+    for target in record["targets"]:
+        assert target["label"] in SHAPES and target["target"] == target["label"]
+        assert 0 <= target["probability"] <= 1 and target["predicted"] in SHAPES
+        heat = np.load(target["map"])
+        assert heat.shape == (96, 96) and heat.dtype == np.float32 and 0 <= heat.min() <= heat.max() <= 1
+
+
+def test_explicit_targets_by_label_and_index(image, tmp_path):
+    result = invoke(image, tmp_path, "--target", "star", "--target", "0")
+    assert result.exit_code == 0, result.output
+    assert [t["label"] for t in json.loads(result.stdout)["targets"]] == ["star", "circle"]
+
+
+def test_clip_relevancy_gives_token_relevance(image, tmp_path):
+    result = invoke(image, tmp_path, "--model", "shapes-clip", "--text", "a red circle", "--text", "a blue star")
+    assert result.exit_code == 0, result.output
+    targets = json.loads(result.stdout)["targets"]
+    assert [t["target"] for t in targets] == ["a red circle", "a blue star"]
+    for target in targets:
+        assert [t["token"] for t in target["tokens"]] == target["target"].split()
+        assert sum(t["relevance"] for t in target["tokens"]) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "hexagon"], "unknown target"),
+    (["--text", "a star"], "--target"),
+    (["--model", "shapes-clip"], "--text"),
+    (["--model", "shapes-clip", "--text", "x", "--target", "star"], "--target is for classifiers"),
+    (["--method", "nope"], "--method"),
+    (["--model", "vit"], "shapes-vit"),
+])
+def test_usage_errors(image, tmp_path, args, message):
+    result = invoke(image, tmp_path, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_hf_vit_folder_and_timm_name(image, tmp_path):
+    import transformers
+
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3,
+                                    id2label={0: "cat", 1: "dog", 2: "owl"}, label2id={"cat": 0, "dog": 1, "owl": 2})
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    result = invoke(image, tmp_path, "--model", f"hf:{tmp_path / 'vit'}", "--target", "owl")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["targets"][0]["label"] == "owl"
+    result = invoke(image, tmp_path, "--model", "timm:vit_tiny_patch16_224", "--method", "rollout")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "timm:vit_tiny_patch16_224"

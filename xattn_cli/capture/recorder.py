@@ -1,0 +1,186 @@
+"""`AttentionRecorder`: post-softmax attention of every layer, per head, and its gradient.
+
+Adapters name the attention modules (`AttentionSite`s); the recorder switches each to a path that
+materialises its probabilities, records them, and attaches a tensor hook for the gradient (a tensor hook
+rather than a module backward hook: pytorch#61519). Everything is undone in `finally`, exceptions are
+never swallowed, and the recorded tensor is the one that multiplies V, so its gradient is the one the
+relevancy rules need.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from xattn_cli.methods.surgery import merge_heads, split_heads
+
+
+@dataclass
+class AttentionEvent:
+    kind: str  # "self" or "cross"
+    stream: str  # vision, text, joint, encoder, decoder; cross: "text->vision" (queries -> keys)
+    layer: int
+    probs: torch.Tensor  # (B, heads, Nq, Nk), detached
+    grad: torch.Tensor | None = None  # same shape, after backward()
+
+
+@dataclass
+class Recording:
+    events: list[AttentionEvent] = field(default_factory=list)
+
+    def select(self, kind: str | None = None, stream: str | None = None) -> list[AttentionEvent]:
+        """Events of one kind/stream, in layer order."""
+        chosen = [e for e in self.events if (kind is None or e.kind == kind) and (stream is None or e.stream == stream)]
+        return sorted(chosen, key=lambda e: e.layer)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module, how to tag its events, and how to make it report probabilities.
+
+    backend "hf": `module` is a transformers attention module (its config selects the attention function);
+    "timm": a timm `Attention`; "mha": the module that holds an `nn.MultiheadAttention` as `attribute`.
+    """
+
+    module: torch.nn.Module
+    kind: str
+    stream: str
+    layer: int
+    backend: str
+    attribute: str = "attn"
+
+
+# --- backends ------------------------------------------------------------------------------------
+_HF_IMPLEMENTATION = "xattn_record"
+_HF_SITES: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[[torch.Tensor], None]]" = weakref.WeakKeyDictionary()
+
+
+def _hf_recording_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's own eager attention, reporting the probabilities that multiply V."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    output, probs = eager(module, query, key, value, attention_mask, **kwargs)
+    record = _HF_SITES.get(module)
+    if record is not None:
+        record(probs)
+    return output, probs
+
+
+def _register_hf_backend() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_HF_IMPLEMENTATION, _hf_recording_attention)
+
+
+class _RecordingMultiheadAttention(torch.nn.Module):
+    """Stands in for an `nn.MultiheadAttention` (batch_first or not) and reports per-head probabilities."""
+
+    def __init__(self, original: torch.nn.MultiheadAttention, record: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.original, self.record = original, record
+        self.batch_first = original.batch_first
+
+    def forward(self, query, key, value, need_weights=False, attn_mask=None, key_padding_mask=None, **_):
+        mha = self.original
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (B, n, D)
+        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        width = mha.embed_dim
+        q = split_heads(F.linear(query, weight[:width], bias[:width]), mha.num_heads)  # (B, H, Nq, d)
+        k = split_heads(F.linear(key, weight[width : 2 * width], bias[width : 2 * width]), mha.num_heads)
+        v = split_heads(F.linear(value, weight[2 * width :], bias[2 * width :]), mha.num_heads)  # (B, H, Nk, d)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(attn_mask, float("-inf"))
+            if attn_mask.dim() == 3:  # (B·H, Nq, Nk)
+                attn_mask = attn_mask.view(scores.shape)
+            scores = scores + attn_mask
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)  # (B, H, Nq, Nk)
+        self.record(probs)
+        output = mha.out_proj(merge_heads(probs @ v))  # (B, Nq, D)
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (probs if need_weights else None)
+
+
+# --- the recorder ---------------------------------------------------------------------------------
+class AttentionRecorder:
+    """Context manager: `with AttentionRecorder(sites) as recording: loss.backward()`.
+
+    After the block, `recording.events` hold probabilities and gradients, and the model is as it was.
+    """
+
+    def __init__(self, sites: list[AttentionSite]):
+        if not sites:
+            raise ValueError("no attention sites to record")
+        self.sites = sites
+        self.recording = Recording()
+        self._undo: list[Callable[[], None]] = []
+
+    def _recorder_for(self, site: AttentionSite) -> Callable[[torch.Tensor], None]:
+        def record(probs: torch.Tensor) -> None:
+            event = AttentionEvent(site.kind, site.stream, site.layer, probs.detach())
+            self.recording.events.append(event)
+            if probs.requires_grad:
+                def keep(grad: torch.Tensor) -> None:
+                    event.grad = grad.detach()
+
+                probs.register_hook(keep)
+
+        return record
+
+    def __enter__(self) -> Recording:
+        try:
+            for site in self.sites:
+                self._install(site)
+        except BaseException:
+            self._restore()
+            raise
+        return self.recording
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _install(self, site: AttentionSite) -> None:
+        record = self._recorder_for(site)
+        if site.backend == "hf":
+            _register_hf_backend()
+            config = site.module.config
+            previous = config._attn_implementation
+            config._attn_implementation_internal = _HF_IMPLEMENTATION
+            _HF_SITES[site.module] = record
+            self._undo.append(lambda: (_HF_SITES.pop(site.module, None),
+                                       setattr(config, "_attn_implementation_internal", previous)))
+        elif site.backend == "timm":
+            previous = site.module.fused_attn
+            site.module.fused_attn = False
+            handle = site.module.attn_drop.register_forward_hook(lambda _m, _i, output: record(output))
+            self._undo.append(lambda: (handle.remove(), setattr(site.module, "fused_attn", previous)))
+        elif site.backend == "mha":
+            owner, name = site.module, site.attribute
+            original = getattr(owner, name)
+            setattr(owner, name, _RecordingMultiheadAttention(original, record))
+            self._undo.append(lambda: setattr(owner, name, original))
+        else:
+            raise ValueError(f"unknown attention backend {site.backend!r}")
+
+
+def events_by_layer(events: list[AttentionEvent]) -> Iterator[AttentionEvent]:
+    """Events in layer order, checking each has a gradient (a missing one means a wrong hook)."""
+    for event in sorted(events, key=lambda e: e.layer):
+        if event.grad is None:
+            raise RuntimeError(f"no gradient reached the {event.kind} attention of {event.stream} layer {event.layer}")
+        yield event

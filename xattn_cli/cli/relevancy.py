@@ -1,0 +1,56 @@
+"""`xattn relevancy`: gradient-weighted relevancy propagation (Chefer et al.) and attention baselines.
+
+Usage:
+    xattn relevancy scene.png                              # shapes-vit, its predicted shapes
+    xattn relevancy scene.png --target star --method rollout
+    xattn relevancy scene.png --model shapes-clip --text "a red circle"
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xattn_cli.cli import _options as opt
+from xattn_cli.cli._run import run_map_command
+
+
+class Method(str, Enum):
+    chefer = "chefer"
+    rollout = "rollout"
+    raw = "raw"
+    attn_gradcam = "attn-gradcam"
+
+
+def relevancy(
+    images: opt.ImagesArg,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`).")] = "shapes-vit",
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="CLIP models: a text to explain; repeat for several.")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="Classifiers: a label or index [default: the predicted class(es)].")] = None,
+    method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam.")] = Method.chefer,
+    start_layer: Annotated[Optional[int], typer.Option("--start-layer", min=0, help="First layer accumulated [default: 0 for ViT, the last layer for CLIP].")] = None,
+    pretrained: opt.PretrainedOpt = None,
+    trust_checkpoint: opt.TrustCheckpointOpt = False,
+    out: opt.OutOpt = Path("xattn-out"),
+    save_maps: opt.SaveMapsOpt = False,
+    output_format: opt.FormatOpt = None,
+    device: opt.DeviceOpt = "auto",
+    batch_size: opt.BatchSizeOpt = 8,
+    resume: opt.ResumeOpt = False,
+    max_pixels: opt.MaxPixelsOpt = 64_000_000,
+    quiet: opt.QuietOpt = False,
+) -> None:
+    """Relevancy maps: which image regions (and text tokens) drive the model's output."""
+
+    def build(device_name: str):
+        from xattn_cli.explainers.relevancy import build_relevancy
+        from xattn_cli.models.registry import load_model
+
+        adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
+        return build_relevancy(adapter, method=method.value, texts=text or [], targets=target or [],
+                               start_layer=start_layer)
+
+    run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
+                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet)

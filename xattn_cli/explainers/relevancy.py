@@ -1,0 +1,179 @@
+"""Relevancy maps (Chefer et al. and baselines) for ViT classifiers and CLIP image–text pairs."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from xattn_cli.capture import AttentionRecorder
+from xattn_cli.errors import UsageError
+from xattn_cli.io.images import ItemError
+from xattn_cli.methods.relevancy import METHODS, NEEDS_GRADIENTS, token_relevance
+from xattn_cli.methods.surgery import min_max
+from xattn_cli.results import TargetMap
+
+
+@contextlib.contextmanager
+def input_gradients_only(model: torch.nn.Module, needed: bool = True) -> Iterator[None]:
+    """Gradients flow to the inputs (and so through every attention map), never into parameters.
+
+    Parameters are frozen for the duration; embedding outputs are made to require grad so that token
+    inputs (integers) still give the text tower a graph. Methods without gradients run under no_grad.
+    """
+    if not needed:
+        with torch.no_grad():
+            yield
+        return
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+               for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def relevance_map(patch_relevance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """(N,) patch relevance → (H, W) map: bilinear to the image size, then min-max (reference §2.1)."""
+    image = patch_relevance.reshape(1, 1, *grid).float()  # (1, 1, gh, gw)
+    upsampled = F.interpolate(image, size=size, mode="bilinear", align_corners=False).reshape(-1)  # (H·W,)
+    scaled, degenerate = min_max(torch.nan_to_num(upsampled, nan=0.0), dim=0)
+    return scaled.reshape(size).detach().cpu().numpy().astype(np.float32), bool(degenerate)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+
+
+def backward(score: torch.Tensor, retain: bool) -> None:
+    if score.requires_grad:
+        score.backward(retain_graph=retain)
+
+
+class ClassifierRelevancy:
+    """Maps of a ViT classifier's decision: one per requested (or predicted) class."""
+
+    def __init__(self, adapter, *, method: str = "chefer", targets: Sequence[str] = (), start_layer: int | None = None):
+        check_method(method)
+        self.adapter, self.method = adapter, method
+        self.model_name = adapter.name
+        self.fixed_targets = [adapter.target_index(t) for t in targets]
+        self.start_layer = adapter.default_start_layer if start_layer is None else start_layer
+
+    def meta(self) -> dict[str, Any]:
+        return {"start_layer": self.start_layer, "precision": "fp32"}
+
+    def _targets(self, logits: torch.Tensor) -> list[list[int]]:
+        if self.fixed_targets:
+            return [self.fixed_targets] * logits.shape[0]
+        if self.adapter.multi_label:
+            chosen = [torch.nonzero(row > 0).flatten().tolist() for row in logits]
+            return [c or [int(row.argmax())] for c, row in zip(chosen, logits)]
+        return [[int(row.argmax())] for row in logits]
+
+    def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
+        adapter = self.adapter
+        pixels = adapter.preprocess(images)
+        needs_gradients = NEEDS_GRADIENTS[self.method]
+        results: list[list[TargetMap]] = [[] for _ in images]
+        with input_gradients_only(adapter.model, needs_gradients), AttentionRecorder(adapter.attention_sites()) as recording:
+            logits = adapter.classify(pixels.requires_grad_(needs_gradients))  # (B, C)
+            if not torch.isfinite(logits).all():
+                raise ItemError("NonFiniteOutput", "the model produced non-finite logits")
+            targets = self._targets(logits.detach())
+            probabilities = logits.detach().sigmoid() if adapter.multi_label else logits.detach().softmax(-1)
+            slots = max(len(t) for t in targets)
+            for slot in range(slots):
+                chosen = [(i, t[slot]) for i, t in enumerate(targets) if slot < len(t)]
+                if needs_gradients:
+                    score = sum(logits[i, c] for i, c in chosen)  # samples are independent in eval mode
+                    backward(score, retain=slot < slots - 1)
+                relevance = token_relevance(self.method, recording.select(stream="vision"), self.start_layer)
+                for i, c in chosen:
+                    patches = relevance[i, 0, adapter.prefix_tokens:]  # CLS row, prefix columns dropped
+                    heat, degenerate = relevance_map(patches, adapter.grid(), (images[i].height, images[i].width))
+                    extra = {"label": adapter.labels[c], "index": c,
+                             "probability": round(float(probabilities[i, c]), 6),
+                             "predicted": adapter.labels[int(logits[i].argmax())]}
+                    results[i].append(TargetMap(adapter.labels[c], float(logits[i, c].detach()), heat, degenerate, extra))
+        return results
+
+
+class ClipRelevancy:
+    """Maps of CLIP's image–text similarity: image relevance from the vision tower, token relevance
+    from the text tower's end-of-text row (reference §2.2)."""
+
+    def __init__(self, adapter, texts: Sequence[str], *, method: str = "chefer", start_layer: int | None = None):
+        check_method(method)
+        texts = [text.strip() for text in texts]
+        if not texts or not all(texts):
+            raise UsageError("--text must be given at least once and must not be empty")
+        self.adapter, self.texts, self.method = adapter, texts, method
+        self.model_name = adapter.name
+        sites = adapter.attention_sites()
+        self.sites = sites
+        self.start_layers = {stream: (max(s.layer for s in sites if s.stream == stream) if start_layer is None
+                                      else start_layer) for stream in ("vision", "text")}
+
+    def meta(self) -> dict[str, Any]:
+        return {"start_layer": self.start_layers["vision"], "precision": "fp32"}
+
+    def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
+        adapter = self.adapter
+        pixels = adapter.preprocess(images, adapter.native_size)
+        needs_gradients = NEEDS_GRADIENTS[self.method]
+        grid = adapter.grid(adapter.native_size)
+        results: list[list[TargetMap]] = [[] for _ in images]
+        with input_gradients_only(adapter.model, needs_gradients), AttentionRecorder(self.sites) as recording:
+            image_embedding = F.normalize(adapter.encode_image(pixels.requires_grad_(needs_gradients)), dim=-1)
+            for k, text in enumerate(self.texts):
+                recording.events[:] = [e for e in recording.events if e.stream != "text"]
+                batch = adapter.tokenize([text] * len(images))
+                text_embedding = F.normalize(adapter.encode_tokens(batch), dim=-1)  # (B, E)
+                similarity = (image_embedding * text_embedding).sum(dim=-1)  # (B,)
+                if not torch.isfinite(similarity).all():
+                    raise ItemError("NonFiniteOutput", "the model produced non-finite embeddings")
+                if needs_gradients:
+                    backward(adapter.logit_scale * similarity.sum(), retain=k < len(self.texts) - 1)
+                image_relevance = token_relevance(self.method, recording.select(stream="vision"),
+                                                  self.start_layers["vision"])
+                text_relevance = token_relevance(self.method, recording.select(stream="text"),
+                                                 self.start_layers["text"])
+                pooled = adapter.pooled_index(batch)
+                words = adapter.token_words(batch, 0)
+                for i, image in enumerate(images):
+                    heat, degenerate = relevance_map(image_relevance[i, 0, 1:], grid, (image.height, image.width))
+                    end = int(pooled[i])
+                    row = text_relevance[i, end, 1:end]  # the pooled row, start and end tokens dropped
+                    row = row / row.sum() if float(row.sum()) > 0 else row
+                    tokens = [{"token": w, "relevance": round(float(r), 6)} for w, r in zip(words[1:end], row)]
+                    results[i].append(TargetMap(text, float(similarity[i].detach()), heat, degenerate, {"tokens": tokens}))
+        return results
+
+
+def build_relevancy(adapter, *, method: str, texts: Sequence[str], targets: Sequence[str],
+                    start_layer: int | None):
+    """The relevancy explainer for an adapter's family; usage errors for options that do not apply."""
+    family = getattr(adapter, "family", "")
+    if family == "clip":
+        if targets:
+            raise UsageError("--target is for classifiers; CLIP models take --text")
+        if not texts:
+            raise UsageError(f"{adapter.name} is a CLIP model: give one or more --text")
+        return ClipRelevancy(adapter, texts, method=method, start_layer=start_layer)
+    if family == "vit":
+        if texts:
+            raise UsageError(f"{adapter.name} is a classifier: use --target LABEL, not --text")
+        return ClassifierRelevancy(adapter, method=method, targets=targets, start_layer=start_layer)
+    raise UsageError(f"{adapter.name} ({family}) has no relevancy support yet")
