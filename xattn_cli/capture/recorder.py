@@ -73,9 +73,16 @@ def _hf_recording_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register_hf_backend() -> None:
+    """Register our attention function, and eager's mask builder under the same name (transformers ≥ 4.53
+    looks masks up by implementation name and would otherwise build no causal or padding mask)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(_HF_IMPLEMENTATION, _hf_recording_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # older transformers build masks inside each model
+        return
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_HF_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 class _RecordingMultiheadAttention(torch.nn.Module):
