@@ -12,13 +12,13 @@ use the held-out stream (seed 20000), which neither training nor the sweep sees.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _report import report
 from xattn_cli.explainers.surgery import SurgeryExplainer
 from xattn_cli.methods.surgery import interpolate_grid_embedding, similarity_map
 from xattn_cli.models.bundled import load_bundled_clip
@@ -91,12 +91,7 @@ def main() -> None:
     figures["zero_shot_ensemble"] = zero_shot(adapter, 2 * args.scenes, ensemble=True)
     figures["pointing_surgery"] = pointing(adapter, HELD_OUT, args.scenes, None, None)
     figures["pointing_plain_similarity"] = pointing(adapter, HELD_OUT, args.scenes, None, None, surgery=False)
-    print("| figure | value |\n| --- | --- |")
-    for name, value in figures.items():
-        print(f"| {name} | {value:.3f} |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=2)
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ class the same map, so they can find at most one object per scene.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
 
+from _report import report
 from xattn_cli.config import load_config
 from xattn_cli.explainers.relevancy import ClassifierRelevancy
 from xattn_cli.methods.relevancy import METHODS
@@ -47,12 +47,7 @@ def main() -> None:
     figures = evaluate(adapter.model, load_config("shapes-vit"), n=2 * args.scenes)
     for method in METHODS:
         figures[f"pointing_{method}"] = pointing(adapter, method, args.scenes)
-    print("| figure | value |\n| --- | --- |")
-    for name, value in figures.items():
-        print(f"| {name} | {value:.3f} |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=2)
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

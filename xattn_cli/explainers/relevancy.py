@@ -84,7 +84,7 @@ class ClassifierRelevancy:
 
     def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
         adapter = self.adapter
-        pixels = adapter.preprocess(images)
+        pixels = adapter.preprocess(images, adapter.native_size)
         needs_gradients = NEEDS_GRADIENTS[self.method]
         results: list[list[TargetMap]] = [[] for _ in images]
         with input_gradients_only(adapter.model, needs_gradients), AttentionRecorder(adapter.attention_sites()) as recording:

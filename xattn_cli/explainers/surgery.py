@@ -53,6 +53,7 @@ class SurgeryExplainer:
         if min(grid) < 1:
             raise UsageError(f"--size {self.size[1]}x{self.size[0]} is smaller than one patch")
         self.blocks = blocks
+        autocast(str(adapter.device), precision)  # an unusable precision is a usage error, before any image
         self.precision = precision
         self.model_name = adapter.name
         self.text_features = adapter.text_embeddings(texts, ensemble)  # (K, E)

@@ -49,9 +49,11 @@ def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool 
     return adapter
 
 
-@register_model("clip", "clip", ("surgery", "relevancy"), "alias: open_clip ViT-B-16, OpenAI weights (downloads)")
+@register_model("clip", "clip", ("surgery", "relevancy"), load_config("clip")["description"])
 def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
-    return openclip_model("ViT-B-16", pretrained or "openai", trust_checkpoint=trust_checkpoint)
+    cfg = load_config("clip")
+    arch = cfg["source"].removeprefix("openclip:")
+    return openclip_model(arch, pretrained or cfg["pretrained"], trust_checkpoint=trust_checkpoint)
 
 
 @register_model("openclip", "clip", ("surgery", "relevancy"), "open_clip architecture by name; --pretrained TAG|PATH "
@@ -66,12 +68,12 @@ def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint
         raise UsageError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
     is_path = pretrained is not None and (Path(pretrained).exists() or "/" in pretrained or "." in pretrained)
     if pretrained is not None and not is_path:
-        require_hub(f"open_clip {arch} weights {pretrained!r}", "shapes-clip")
+        require_hub(f"open_clip {arch} weights {pretrained!r}", load_config("clip")["offline_alternative"])
     try:
         model = open_clip.create_model(arch, pretrained=None if is_path else pretrained)
     except Exception as error:  # download failures come in many types
         raise UsageError(f"cannot load open_clip {arch} weights {pretrained!r}: {type(error).__name__}; "
-                         + OFFLINE_HINT.format(bundled="shapes-clip")) from None
+                         + OFFLINE_HINT.format(bundled=load_config("clip")["offline_alternative"])) from None
     if is_path:
         load_into(model, load_state_dict(pretrained, trust_checkpoint), pretrained)
     return OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
@@ -83,8 +85,7 @@ def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False)
     import torch
 
     from xattn_cli.models.checkpoints import load_into, load_state_dict
-    from xattn_cli.models.vit import HFViTAdapter
-    from xattn_cli.train.shapes_vit import build_vit
+    from xattn_cli.models.vit import HFViTAdapter, build_vit
 
     cfg = load_config("shapes-vit")
     model = build_vit(cfg)
@@ -96,11 +97,12 @@ def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False)
     return adapter
 
 
-@register_model("vit", "vit", ("relevancy",), "alias: google/vit-base-patch16-224 (downloads)")
+@register_model("vit", "vit", ("relevancy",), load_config("vit")["description"])
 def vit_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
-    location = pretrained or "google/vit-base-patch16-224"
+    cfg = load_config("vit")
+    location = pretrained or cfg["source"].removeprefix("hf:")
     if not Path(location).exists():
-        require_hub(location, "shapes-vit")
+        require_hub(location, cfg["offline_alternative"])
     from xattn_cli.models.hf import load_hf
 
     return load_hf(location)

@@ -3,22 +3,21 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from xattn_cli.methods.surgery import text_ensemble
+from xattn_cli.models.base import Adapter
 from xattn_cli.text import ensemble_templates
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipAdapter:
+class ClipAdapter(Adapter):
     """A CLIP model seen through the operations the explanation methods need.
 
-    Subclasses supply `encode_tokens`-level text encoding, `encode_image`, `surgery_features`,
-    `patch_size` and `native_size`; this class handles images, prompts and devices.
+    Subclasses supply tokenising and encoding, `surgery_and_embedding`, attention sites, `patch_size`
+    and `native_size`; this class handles prompts.
     """
 
     family = "clip"
@@ -28,26 +27,6 @@ class ClipAdapter:
     default_surgery_size: tuple[int, int] | None = None
     mean: Sequence[float] = CLIP_MEAN
     std: Sequence[float] = CLIP_STD
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device: str | torch.device) -> "ClipAdapter":
-        self.model.to(device)
-        return self
-
-    def preprocess(self, images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
-        """Squash each RGB image to (H, W) with bicubic resampling, no crop (reference §1). (B, 3, H, W)."""
-        height, width = size
-        arrays = [np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC)) for image in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((pixels - mean) / std).to(self.device)
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (gh, gw) of an input of (H, W) pixels."""

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from xattn_cli.capture import AttentionSite
+from xattn_cli.models.base import Adapter
 
 
-class ViTClassifierAdapter:
+class ViTClassifierAdapter(Adapter):
     """What the relevancy explainer needs from a ViT classifier."""
 
     family = "vit"
@@ -23,25 +22,6 @@ class ViTClassifierAdapter:
     labels: list[str]
     multi_label: bool = False
     default_start_layer: int = 0
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device: str | torch.device) -> "ViTClassifierAdapter":
-        self.model.to(device)
-        return self
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Squash to the native size (bicubic, no crop, so the map covers the whole image). (B, 3, H, W)."""
-        height, width = self.native_size
-        arrays = [np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC)) for image in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-        mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((pixels - mean) / std).to(self.device)
 
     def grid(self) -> tuple[int, int]:
         return self.native_size[0] // self.patch_size[0], self.native_size[1] // self.patch_size[1]
@@ -63,6 +43,16 @@ class ViTClassifierAdapter:
             return int(target)
         raise UsageError(f"unknown target {target!r}; this model's labels: {', '.join(self.labels[:20])}"
                          + (" ..." if len(self.labels) > 20 else ""))
+
+
+def build_vit(cfg: dict) -> torch.nn.Module:
+    """A `ViTForImageClassification` from a config file's `hf_config` (JSON keys are strings)."""
+    import transformers
+
+    hf = dict(cfg["hf_config"])
+    hf["id2label"] = {int(k): v for k, v in hf["id2label"].items()}
+    hf["label2id"] = {v: k for k, v in hf["id2label"].items()}
+    return transformers.ViTForImageClassification(transformers.ViTConfig(**hf))
 
 
 def _hf_attention_module(layer: torch.nn.Module) -> torch.nn.Module:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from xattn_cli.config import load_config, project_path
+from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
 from xattn_cli.text import WordTokenizer, build_vocabulary, ensemble_templates
 from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
@@ -36,11 +37,8 @@ def class_index(shape: str, color: str) -> int:
 
 
 def normalize_pixels(images: np.ndarray | torch.Tensor, cfg: dict) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → normalised float (B, 3, H, W)."""
-    mean = torch.tensor(cfg["preprocess"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["preprocess"]["std"]).view(1, 3, 1, 1)
-    pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-    return (pixels - mean) / std
+    """uint8 (B, H, W, 3) → normalised float (B, 3, H, W), with the model's mean and std."""
+    return normalize(images, cfg["preprocess"]["mean"], cfg["preprocess"]["std"])
 
 
 class SceneBatches(torch.utils.data.IterableDataset):

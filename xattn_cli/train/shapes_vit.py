@@ -19,18 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from xattn_cli.config import load_config
+from xattn_cli.models.base import normalize
+from xattn_cli.models.vit import build_vit
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 2, 11_000
-
-
-def build_vit(cfg: dict) -> torch.nn.Module:
-    import transformers
-
-    hf = dict(cfg["hf_config"])
-    hf["id2label"] = {int(k): v for k, v in hf["id2label"].items()}
-    hf["label2id"] = {v: k for k, v in hf["id2label"].items()}
-    return transformers.ViTForImageClassification(transformers.ViTConfig(**hf))
 
 
 def scene_batch(seed: int, start: int, count: int, size: int, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +33,7 @@ def scene_batch(seed: int, start: int, count: int, size: int, cfg: dict) -> tupl
         scene = scene_at(seed, index, size=size, n_objects=1 + index % 3, distinct_shapes=True)
         images.append(np.asarray(scene.image))
         labels.append([float(any(o.shape == s for o in scene.objects)) for s in SHAPES])
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-    mean = torch.tensor(cfg["preprocess"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["preprocess"]["std"]).view(1, 3, 1, 1)
-    return (pixels - mean) / std, torch.tensor(labels)
+    return normalize(np.stack(images), cfg["preprocess"]["mean"], cfg["preprocess"]["std"]), torch.tensor(labels)
 
 
 class Batches(torch.utils.data.IterableDataset):
