@@ -53,3 +53,26 @@ def test_shared_attributes_happen_and_confounding_biases_colour():
     assert shared > 20
     biased = [make_scene(rng, size=32, n_objects=1, color_bias=1.0).objects[0] for _ in range(20)]
     assert all(COLORS.index(o.color) == SHAPES.index(o.shape) for o in biased)
+
+
+def test_export_writes_the_dataset_folder_format(tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from xattn_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["world", "export", str(tmp_path / "data"), "--n", "5", "--seed", "3",
+                                      "--size", "64"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "data" / "annotations.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"{i:06d}" for i in range(5)]
+    for line in lines:
+        scene = scene_at(3, int(line["id"]), size=64)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "data" / line["image"])), np.asarray(scene.image))
+        assert line["captions"] == scene.captions and line["size"] == [64, 64]
+        for record, obj in zip(line["objects"], scene.objects):
+            mask = np.asarray(Image.open(tmp_path / "data" / record["mask"])) > 0
+            assert np.array_equal(mask, obj.mask) and record["box"] == list(obj.box)
+            assert (record["shape"], record["color"]) == (obj.shape, obj.color)

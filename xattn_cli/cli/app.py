@@ -11,6 +11,7 @@ from xattn_cli import __version__
 from xattn_cli.cli import models as models_cli
 from xattn_cli.cli import relevancy as relevancy_cli
 from xattn_cli.cli import surgery as surgery_cli
+from xattn_cli.cli import world as world_cli
 
 app = typer.Typer(
     name="xattn",
@@ -39,6 +40,7 @@ def root(
 app.command("surgery")(surgery_cli.surgery)
 app.command("relevancy")(relevancy_cli.relevancy)
 app.command("models")(models_cli.models)
+app.add_typer(world_cli.app, name="world")
 
 
 def main() -> None:

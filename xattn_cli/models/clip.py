@@ -28,15 +28,27 @@ class ClipAdapter(Adapter):
     mean: Sequence[float] = CLIP_MEAN
     std: Sequence[float] = CLIP_STD
 
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self._text_cache: dict[tuple[str, bool], torch.Tensor] = {}
+
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (gh, gw) of an input of (H, W) pixels."""
         return size[0] // self.patch_size[0], size[1] // self.patch_size[1]
 
     @torch.inference_mode()
     def text_embeddings(self, texts: Sequence[str], ensemble: bool = True) -> torch.Tensor:
-        """(K, E) normalised embeddings: the 85-template ensemble, or the raw texts."""
-        templates = ensemble_templates() if ensemble else ["{}"]
-        return text_ensemble(self.encode_text, texts, templates)
+        """(K, E) normalised embeddings: the 85-template ensemble, or the raw texts.
+
+        Each (text, ensemble) pair is encoded once per adapter: an ensemble costs 85 text forwards.
+        """
+        cache = self._text_cache
+        missing = [text for text in dict.fromkeys(texts) if (text, ensemble) not in cache]
+        if missing:
+            templates = ensemble_templates() if ensemble else ["{}"]
+            for text, embedding in zip(missing, text_ensemble(self.encode_text, missing, templates)):
+                cache[(text, ensemble)] = embedding
+        return torch.stack([cache[(text, ensemble)] for text in texts])  # (K, E)
 
     # Subclass API -------------------------------------------------------------------------------
     patch_size: tuple[int, int]
