@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from xattn_cli.errors import UsageError
 from xattn_cli.models.registry import load_model, resolve
-from tests.conftest import TINY_VIT
+from helpers import TINY_VIT, save_tiny_hf_clip
 
 
 @pytest.fixture
@@ -69,38 +69,12 @@ def test_unknown_names_are_usage_errors():
         load_model("clip")  # HF_HUB_OFFLINE is set by conftest: fails fast, names the bundled model
 
 
-def _save_tiny_hf_clip(folder: Path) -> "transformers.CLIPModel":
-    import transformers
-
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for letter in letters:
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=1, bos_token_id=0,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=3, num_attention_heads=2),
-        projection_dim=16)
-    torch.manual_seed(2)
-    model = transformers.CLIPModel(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
-
-
 def test_hf_clip_folder_loads_and_explains(tmp_path):
     from PIL import Image
 
     from xattn_cli.explainers.surgery import SurgeryExplainer
 
-    model = _save_tiny_hf_clip(tmp_path / "hf-clip")
+    model = save_tiny_hf_clip(tmp_path / "hf-clip")
     adapter = load_model(f"hf:{tmp_path / 'hf-clip'}")
     assert adapter.native_size == (32, 32) and adapter.default_surgery_blocks == 3
     for key, value in model.state_dict().items():

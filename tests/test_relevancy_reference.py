@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import TINY_VIT, CharTokenizer, tiny_openclip
+from helpers import TINY_VIT, CharTokenizer, tiny_openclip
 
 ATOL_MAP = 1e-5  # classifiers
 ATOL_CLIP = 1e-4  # CLIP maps and token relevances (the brief's tolerance)
@@ -107,10 +107,10 @@ def _make_hf_vit(attn: str = "sdpa"):
 
 @pytest.fixture(scope="module")
 def hf_clip_folder(tmp_path_factory):
-    from tests.test_loading import _save_tiny_hf_clip
+    from helpers import save_tiny_hf_clip
 
     folder = tmp_path_factory.mktemp("relref") / "hf-clip"
-    _save_tiny_hf_clip(folder)
+    save_tiny_hf_clip(folder)
     return folder
 
 

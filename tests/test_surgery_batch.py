@@ -43,7 +43,7 @@ def test_single_text_uses_the_empty_class_redundant_feature(vit_adapter, scene_i
 
 
 def test_map_has_the_original_image_size():
-    from tests.conftest import TINY_VIT, tiny_openclip
+    from helpers import TINY_VIT, tiny_openclip
 
     explainer = SurgeryExplainer(tiny_openclip(TINY_VIT), TEXTS, ensemble=False)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8))
