@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, split_heads
+from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, merge_heads, split_heads
 from xattn_cli.models.clip import ClipAdapter
 
 
@@ -86,7 +86,15 @@ class OpenClipAdapter(ClipAdapter):
         return self.model.encode_image(pixels)
 
     def attention_sites(self) -> list:
-        return attention_sites(self.model)
+        """Every self-attention of the ViT tower, then of the text tower (for relevancy)."""
+        from xattn_cli.capture import AttentionSite
+        from xattn_cli.errors import UsageError
+
+        if self.is_resnet:
+            raise UsageError("relevancy needs a transformer vision tower; this open_clip model is a ResNet")
+        vision, text = self.model.visual.transformer.resblocks, self.model.transformer.resblocks
+        return ([AttentionSite(block, "self", "vision", i, "mha") for i, block in enumerate(vision)]
+                + [AttentionSite(block, "self", "text", i, "mha") for i, block in enumerate(text)])
 
     def surgery_and_embedding(self, pixels: torch.Tensor,
                               blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,22 +121,9 @@ class OpenClipAdapter(ClipAdapter):
         tokens = tokens + interpolate_grid_embedding(pool.positional_embedding, grid).to(tokens.dtype)
         values = split_heads(pool.v_proj(tokens), pool.num_heads)  # (B, H, n, d)
         attended = F.scaled_dot_product_attention(values, values, values)  # (B, H, n, d)
-        surgery = pool.c_proj(attended.transpose(1, 2).flatten(2))  # (B, n, E)
+        surgery = pool.c_proj(merge_heads(attended))  # (B, n, E)
         query = split_heads(pool.q_proj(tokens[:, :1]), pool.num_heads)  # (B, H, 1, d)
         keys = split_heads(pool.k_proj(tokens), pool.num_heads)  # (B, H, n, d)
         pooled = F.scaled_dot_product_attention(query, keys, values)  # (B, H, 1, d)
-        return surgery, pool.c_proj(pooled.transpose(1, 2).flatten(2))[:, 0]  # (B, n, E), (B, E)
+        return surgery, pool.c_proj(merge_heads(pooled))[:, 0]  # (B, n, E), (B, E)
 
-
-def attention_sites(model: torch.nn.Module) -> list:
-    """Every self-attention of an open_clip ViT CLIP: vision blocks, then text blocks."""
-    from xattn_cli.capture import AttentionSite
-
-    visual = model.visual
-    if not hasattr(visual, "transformer"):
-        from xattn_cli.errors import UsageError
-
-        raise UsageError("relevancy needs a transformer vision tower; this open_clip model is a ResNet")
-    sites = [AttentionSite(block, "self", "vision", i, "mha") for i, block in enumerate(visual.transformer.resblocks)]
-    sites += [AttentionSite(block, "self", "text", i, "mha") for i, block in enumerate(model.transformer.resblocks)]
-    return sites
