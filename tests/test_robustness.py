@@ -224,11 +224,17 @@ def _wait_for_records(out: Path, count: int, process: subprocess.Popen) -> None:
     raise AssertionError("the run did not produce records in time")
 
 
-def test_sigkill_then_resume_gives_exactly_one_ok_record_per_image(tmp_path):
+@pytest.fixture
+def sixty_scenes(tmp_path) -> Path:
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(60):
         scene(i).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_sigkill_then_resume_gives_exactly_one_ok_record_per_image(sixty_scenes, tmp_path):
+    folder = sixty_scenes
     out = tmp_path / "out"
     process = _start_batch(folder, out)
     _wait_for_records(out, 10, process)
@@ -251,13 +257,9 @@ def test_sigkill_then_resume_gives_exactly_one_ok_record_per_image(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_ctrl_c_flushes_and_exits_130(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(60):
-        scene(i).save(folder / f"{i:02d}.png")
+def test_ctrl_c_flushes_and_exits_130(sixty_scenes, tmp_path):
     out = tmp_path / "out"
-    process = _start_batch(folder, out)
+    process = _start_batch(sixty_scenes, out)
     _wait_for_records(out, 4, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
