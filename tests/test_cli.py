@@ -117,6 +117,7 @@ def test_stdin_list(scenes, tmp_path):
     (["--model", "clip"], "shapes-clip"),
     (["--pretrained", "/does/not/exist.safetensors"], "checkpoint not found"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--blocks", "99"], "--blocks must be in 1..6"),
 ])
 def test_usage_errors_exit_2_with_one_line(scenes, tmp_path, args, message):
     result = runner.invoke(app, ["surgery", str(scenes[0]), *TEXTS, "-o", str(tmp_path / "o"), *args])

@@ -52,6 +52,9 @@ class SurgeryExplainer:
         grid = adapter.grid(self.size)
         if min(grid) < 1:
             raise UsageError(f"--size {self.size[1]}x{self.size[0]} is smaller than one patch")
+        depth = adapter.surgery_depth
+        if blocks is not None and depth is not None and not 1 <= blocks <= depth:
+            raise UsageError(f"--blocks must be in 1..{depth} for {adapter.name}, got {blocks}")
         self.blocks = blocks
         autocast(str(adapter.device), precision)  # an unusable precision is a usage error, before any image
         self.precision = precision

@@ -80,6 +80,11 @@ class ClipAdapter(Adapter):
         """`AttentionSite`s of the vision tower (stream "vision") and the text tower ("text")."""
         raise NotImplementedError
 
+    @property
+    def surgery_depth(self) -> int | None:
+        """How many blocks the v-v path can cover (None: a ResNet, whose attention pool is the only one)."""
+        raise NotImplementedError
+
     def surgery_features(self, pixels: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
         """(B, 1 + N, E) tokens after architecture surgery, projected, not normalised."""
         return self.surgery_and_embedding(pixels, blocks)[0]

@@ -44,6 +44,10 @@ class HFClipAdapter(ClipAdapter):
         self.default_surgery_blocks = min(6, len(model.vision_model.encoder.layers))
         self.tokenizer = tokenizer
 
+    @property
+    def surgery_depth(self) -> int | None:
+        return len(self.model.vision_model.encoder.layers)
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}

@@ -65,6 +65,10 @@ class OpenClipAdapter(ClipAdapter):
             self.default_surgery_blocks = min(6, len(visual.transformer.resblocks))
         self.tokenizer = tokenizer
 
+    @property
+    def surgery_depth(self) -> int | None:
+        return None if self.is_resnet else len(self.model.visual.transformer.resblocks)
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"input_ids": self.tokenizer(texts).to(self.device)}  # (K, ctx)
 
