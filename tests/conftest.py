@@ -10,6 +10,17 @@ import pytest
 from helpers import TINY_RN, TINY_VIT, tiny_openclip  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: thread fan-out only costs time (and competes with background jobs)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def vit_adapter():
     return tiny_openclip(TINY_VIT)

@@ -32,13 +32,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXTS = ["red circle", "blue", "a green square"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ------------------------------------------------------------------------------------------------
 # models and inputs

@@ -20,14 +20,6 @@ ATOL_MODEL = 1e-4
 ATOL_FEAT = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: thread fan-out only costs time (and competes with background jobs)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # --------------------------------------------------------------------------------------------
 # helpers

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from xattn_cli.config import load_config, project_path
+from xattn_cli.train import lr_at
 from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
 from xattn_cli.text import WordTokenizer, build_vocabulary, ensemble_templates
@@ -88,12 +89,6 @@ def zero_shot_accuracy(model, tokenizer, cfg: dict, n: int = 360, size: int = 64
     truth = torch.tensor([class_index(s.objects[0].shape, s.objects[0].color) for s in scenes])
     model.train()
     return (predicted == truth).float().mean().item()
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def train(args: argparse.Namespace) -> None:

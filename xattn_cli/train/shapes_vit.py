@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from xattn_cli.config import load_config
 from xattn_cli.models.base import normalize
 from xattn_cli.models.vit import build_vit
+from xattn_cli.train import lr_at
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 2, 11_000
@@ -81,10 +81,8 @@ def train(args: argparse.Namespace) -> None:
     for step, pixels, labels in loader:
         if step >= args.steps:
             break
-        warmup = 200
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (args.steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * scale
+            group["lr"] = lr_at(step, args.steps, args.lr, warmup=200)
         loss = F.binary_cross_entropy_with_logits(model(pixel_values=pixels).logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
