@@ -8,6 +8,7 @@ relevancy rules need.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -37,8 +38,9 @@ class Recording:
         chosen = [e for e in self.events if (kind is None or e.kind == kind) and (stream is None or e.stream == stream)]
         return sorted(chosen, key=lambda e: e.layer)
 
-    def clear(self) -> None:
-        self.events.clear()
+    def drop(self, stream: str) -> None:
+        """Forget one stream's events (before that tower runs again for the next target)."""
+        self.events[:] = [e for e in self.events if e.stream != stream]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ def _hf_recording_attention(module, query, key, value, attention_mask, **kwargs)
     return output, probs
 
 
+@functools.cache
 def _register_hf_backend() -> None:
     """Register our attention function, and eager's mask builder under the same name (transformers ≥ 4.53
     looks masks up by implementation name and would otherwise build no causal or padding mask)."""

@@ -121,9 +121,8 @@ class ClipRelevancy:
             raise UsageError("--text must be given at least once and must not be empty")
         self.adapter, self.texts, self.method = adapter, texts, method
         self.model_name = adapter.name
-        sites = adapter.attention_sites()
-        self.sites = sites
-        self.start_layers = {stream: (max(s.layer for s in sites if s.stream == stream) if start_layer is None
+        self.sites = adapter.attention_sites()
+        self.start_layers = {stream: (max(s.layer for s in self.sites if s.stream == stream) if start_layer is None
                                       else start_layer) for stream in ("vision", "text")}
 
     def meta(self) -> dict[str, Any]:
@@ -138,7 +137,7 @@ class ClipRelevancy:
         with input_gradients_only(adapter.model, needs_gradients), AttentionRecorder(self.sites) as recording:
             image_embedding = F.normalize(adapter.encode_image(pixels.requires_grad_(needs_gradients)), dim=-1)
             for k, text in enumerate(self.texts):
-                recording.events[:] = [e for e in recording.events if e.stream != "text"]
+                recording.drop("text")
                 batch = adapter.tokenize([text] * len(images))
                 text_embedding = F.normalize(adapter.encode_tokens(batch), dim=-1)  # (B, E)
                 similarity = (image_embedding * text_embedding).sum(dim=-1)  # (B,)

@@ -22,9 +22,13 @@ def load_hf(location: str):
     raise UsageError(f"Hugging Face model type {config.model_type!r} is not supported (supported: clip, vit)")
 
 
-def _read_processor(location: str) -> dict:
+def _with_processor_statistics(adapter, location: str):
+    """The adapter, with the mean and std of the folder's `preprocessor_config.json` if it has one."""
     processor_file = Path(location) / "preprocessor_config.json"
-    return json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    adapter.mean = processor.get("image_mean", adapter.mean)
+    adapter.std = processor.get("image_std", adapter.std)
+    return adapter
 
 
 def _load_vit(location: str):
@@ -36,11 +40,7 @@ def _load_vit(location: str):
         model = transformers.ViTForImageClassification.from_pretrained(location)
     except Exception as error:
         raise UsageError(f"cannot load ViT from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
-    adapter = HFViTAdapter(model.float(), name=f"hf:{location}")
-    processor = _read_processor(location)
-    adapter.mean = processor.get("image_mean", adapter.mean)
-    adapter.std = processor.get("image_std", adapter.std)
-    return adapter
+    return _with_processor_statistics(HFViTAdapter(model.float(), name=f"hf:{location}"), location)
 
 
 def _load_clip(location: str):
@@ -53,8 +53,4 @@ def _load_clip(location: str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(location)
     except Exception as error:
         raise UsageError(f"cannot load CLIP from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
-    adapter = HFClipAdapter(model.float(), tokenizer, name=f"hf:{location}")
-    processor = _read_processor(location)
-    adapter.mean = processor.get("image_mean", adapter.mean)
-    adapter.std = processor.get("image_std", adapter.std)
-    return adapter
+    return _with_processor_statistics(HFClipAdapter(model.float(), tokenizer, name=f"hf:{location}"), location)
