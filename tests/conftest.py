@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ["XATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="xattn-test-cache-")  # never the user's cache
 
 import pytest
 

@@ -25,7 +25,7 @@ def _as_images(images: Sequence[str | Path | Image.Image]) -> list[tuple[str, Im
 def surgery(images: Sequence[str | Path | Image.Image], texts: Sequence[str], *, model: str = "shapes-clip",
             pretrained: str | None = None, device: str = "auto", ensemble: bool = True,
             size: tuple[int, int] | None = None, blocks: int | None = None, points: int = 0,
-            batch_size: int = 8) -> list[Explanation]:
+            batch_size: int = 8, text_cache: bool = True) -> list[Explanation]:
     """CLIP Surgery similarity maps of each image for each text.
 
     Args:
@@ -34,13 +34,15 @@ def surgery(images: Sequence[str | Path | Image.Image], texts: Sequence[str], *,
         size: (H, W) model input size; default the model's own.
         blocks: number of last blocks given the v-v path; default min(6, depth) or the model's config.
         points: with K > 0, each target carries up to K SAM-style positive points.
+        text_cache: reuse text embeddings across runs (see `xattn_cli.cache`).
     Returns:
         One `Explanation` per image, with `.maps` (K, H, W) in [0, 1] and `.scores` (cosine similarity).
     """
     from xattn_cli.explainers.surgery import SurgeryExplainer
 
     adapter = load_model(model, pretrained, device)
-    explainer = SurgeryExplainer(adapter, texts, ensemble=ensemble, size=size, blocks=blocks, points=points)
+    explainer = SurgeryExplainer(adapter, texts, ensemble=ensemble, size=size, blocks=blocks, points=points,
+                                  text_cache=text_cache)
     loaded = _as_images(images)
     results = []
     for start in range(0, len(loaded), batch_size):

@@ -25,6 +25,7 @@ def surgery(
     save_maps: opt.SaveMapsOpt = False,
     points: Annotated[int, typer.Option("--points", min=0, help="Add up to K SAM-style positive points per target.")] = 0,
     ensemble: Annotated[bool, typer.Option("--ensemble/--no-ensemble", help="Wrap texts in the 85 prompt templates.")] = True,
+    text_cache: Annotated[bool, typer.Option("--text-cache/--no-text-cache", help="Reuse text embeddings across runs (cached under $XATTN_CACHE_DIR or ~/.cache/xattn).")] = True,
     size: Annotated[Optional[str], typer.Option("--size", help="Model input size, N or WxH [default: the model's].")] = None,
     blocks: Annotated[Optional[int], typer.Option("--blocks", min=1, help="Last blocks given the v-v path [default: min(6, depth) or the model config].")] = None,
     output_format: opt.FormatOpt = None,
@@ -43,7 +44,7 @@ def surgery(
 
         adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
         return SurgeryExplainer(adapter, text, ensemble=ensemble, size=parse_size(size), blocks=blocks,
-                                points=points, precision=precision.value)
+                                points=points, precision=precision.value, text_cache=text_cache)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet)

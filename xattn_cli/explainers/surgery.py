@@ -36,14 +36,15 @@ class SurgeryExplainer:
     """Similarity maps of each image against each text (reference/clip-surgery.md).
 
     Several texts use the class-weighted feature surgery; a single text subtracts the redundant
-    feature of the empty-class ensemble. Text embeddings are computed once, here.
+    feature of the empty-class ensemble. Text embeddings are computed once, here (and with
+    `text_cache`, read from and written to the on-disk cache of `xattn_cli.cache`).
     """
 
     method = "surgery"
 
     def __init__(self, adapter: ClipAdapter, texts: Sequence[str], *, ensemble: bool = True,
                  size: tuple[int, int] | None = None, blocks: int | None = None, points: int = 0,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", text_cache: bool = True):
         texts = [text.strip() for text in texts]
         if not texts or any(not text for text in texts):
             raise UsageError("--text must be given at least once and must not be empty")
@@ -59,8 +60,9 @@ class SurgeryExplainer:
         autocast(str(adapter.device), precision)  # an unusable precision is a usage error, before any image
         self.precision = precision
         self.model_name = adapter.name
-        self.text_features = adapter.text_embeddings(texts, ensemble)  # (K, E)
-        self.redundant = adapter.text_embeddings([""], ensemble)[0] if len(texts) == 1 else None  # (E,)
+        self.text_features = adapter.text_embeddings(texts, ensemble, disk_cache=text_cache)  # (K, E)
+        self.redundant = (adapter.text_embeddings([""], ensemble, disk_cache=text_cache)[0]
+                          if len(texts) == 1 else None)  # (E,)
 
     def meta(self) -> dict[str, Any]:
         return {"templates": len(ensemble_templates()) if self.ensemble else 1,

@@ -1,10 +1,12 @@
 """What every CLIP adapter shares: preprocessing, text embeddings, and the surgery entry point."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from xattn_cli.cache import TextEmbeddingCache, cache_root, prompt_key, tensor_fingerprint
 from xattn_cli.methods.surgery import text_ensemble
 from xattn_cli.models.base import Adapter
 from xattn_cli.text import ensemble_templates
@@ -27,28 +29,52 @@ class ClipAdapter(Adapter):
     default_surgery_size: tuple[int, int] | None = None
     mean: Sequence[float] = CLIP_MEAN
     std: Sequence[float] = CLIP_STD
+    vision_prefixes: tuple[str, ...] = ()  # state_dict names of the image tower, left out of the text cache key
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
         self._text_cache: dict[tuple[str, bool], torch.Tensor] = {}
+        self._disk: tuple[Path, TextEmbeddingCache] | None = None
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (gh, gw) of an input of (H, W) pixels."""
         return size[0] // self.patch_size[0], size[1] // self.patch_size[1]
 
     @torch.inference_mode()
-    def text_embeddings(self, texts: Sequence[str], ensemble: bool = True) -> torch.Tensor:
+    def text_embeddings(self, texts: Sequence[str], ensemble: bool = True, *, disk_cache: bool = True) -> torch.Tensor:
         """(K, E) normalised embeddings: the 85-template ensemble, or the raw texts.
 
-        Each (text, ensemble) pair is encoded once per adapter: an ensemble costs 85 text forwards.
+        An ensemble costs 85 text forwards per text, so each one is encoded once per adapter and, with
+        `disk_cache`, once per text tower across runs (`xattn_cli.cache`).
         """
         cache = self._text_cache
         missing = [text for text in dict.fromkeys(texts) if (text, ensemble) not in cache]
         if missing:
             templates = ensemble_templates() if ensemble else ["{}"]
-            for text, embedding in zip(missing, text_ensemble(self.encode_text, missing, templates)):
-                cache[(text, ensemble)] = embedding
+            stored = self._disk_cache() if disk_cache else None
+            keys = {text: prompt_key(self.tokenize([template.format(text) for template in templates])["input_ids"])
+                    for text in missing} if stored else {}
+            for text in missing:
+                hit = stored.get(keys[text]) if stored else None
+                if hit is not None:
+                    cache[(text, ensemble)] = hit.to(self.device)
+            to_encode = [text for text in missing if (text, ensemble) not in cache]
+            if to_encode:
+                for text, embedding in zip(to_encode, text_ensemble(self.encode_text, to_encode, templates)):
+                    cache[(text, ensemble)] = embedding
+                if stored:
+                    stored.put({keys[text]: cache[(text, ensemble)] for text in to_encode})
         return torch.stack([cache[(text, ensemble)] for text in texts])  # (K, E)
+
+    def _disk_cache(self) -> TextEmbeddingCache | None:
+        root = cache_root()
+        if root is None:
+            return None
+        if self._disk is None or self._disk[0] != root:
+            text_tower = ((name, tensor) for name, tensor in self.model.state_dict().items()
+                          if not name.startswith(self.vision_prefixes))
+            self._disk = (root, TextEmbeddingCache(root, tensor_fingerprint(text_tower)))
+        return self._disk[1]
 
     # Subclass API -------------------------------------------------------------------------------
     patch_size: tuple[int, int]

@@ -35,6 +35,8 @@ def _layer_view(layer: torch.nn.Module) -> BlockView:
 class HFClipAdapter(ClipAdapter):
     """A `transformers.CLIPModel` with its tokenizer (a callable: list of texts → dict of tensors)."""
 
+    vision_prefixes = ("vision_model.", "visual_projection.")
+
     def __init__(self, model: torch.nn.Module, tokenizer: Callable | None = None, name: str = "hf-clip"):
         super().__init__(model)
         self.name = name

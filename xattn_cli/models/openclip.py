@@ -42,6 +42,8 @@ def _block_view(block: torch.nn.Module) -> BlockView:
 class OpenClipAdapter(ClipAdapter):
     """An open_clip `CLIP` whose visual tower is a `VisionTransformer` or a `ModifiedResNet`."""
 
+    vision_prefixes = ("visual.",)
+
     def __init__(self, model: torch.nn.Module, tokenizer: Callable | None = None, name: str = "openclip"):
         super().__init__(model)
         from open_clip.modified_resnet import ModifiedResNet
