@@ -1,0 +1,1 @@
+"""Measuring explanations: faithfulness metrics and the `xattn bench quality` run."""
