@@ -9,6 +9,7 @@ relevancy rules need.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -48,7 +49,11 @@ class AttentionSite:
     """One attention module, how to tag its events, and how to make it report probabilities.
 
     backend "hf": `module` is a transformers attention module (its config selects the attention function);
-    "timm": a timm `Attention`; "mha": the module that holds an `nn.MultiheadAttention` as `attribute`.
+    "timm": a timm `Attention`; "mha": the module that holds an `nn.MultiheadAttention` as `attribute`;
+    "dropout": a module whose probabilities always pass through its dropout submodule `attribute` on their
+    way to V (HF LXMERT and VisualBERT attention, `xattn_cli.nn.CrossAttention`).
+    A module that runs more than once per forward (LXMERT's cross-attention serves both directions) gets one
+    site per call, listed in call order: its k-th call is recorded by its k-th site, cyclically.
     """
 
     module: torch.nn.Module
@@ -148,10 +153,27 @@ class AttentionRecorder:
 
         return record
 
+    def _dispatcher_for(self, sites: list[AttentionSite]) -> Callable[[torch.Tensor], None]:
+        """One recorder per call of a shared module: call k goes to site k mod len(sites)."""
+        records = [self._recorder_for(site) for site in sites]
+        if len(records) == 1:
+            return records[0]
+        calls = itertools.count()
+
+        def record(probs: torch.Tensor) -> None:
+            records[next(calls) % len(records)](probs)
+
+        return record
+
     def __enter__(self) -> Recording:
+        by_module: dict[int, list[AttentionSite]] = {}
+        for site in self.sites:
+            by_module.setdefault(id(site.module), []).append(site)
         try:
-            for site in self.sites:
-                self._install(site)
+            for sites in by_module.values():
+                if len({(s.backend, s.attribute) for s in sites}) > 1:
+                    raise ValueError(f"sites of one {type(sites[0].module).__name__} disagree on the backend")
+                self._install(sites[0], self._dispatcher_for(sites))
         except BaseException:
             self._restore()
             raise
@@ -164,8 +186,7 @@ class AttentionRecorder:
         while self._undo:
             self._undo.pop()()
 
-    def _install(self, site: AttentionSite) -> None:
-        record = self._recorder_for(site)
+    def _install(self, site: AttentionSite, record: Callable[[torch.Tensor], None]) -> None:
         if site.backend == "hf":
             _register_hf_backend()
             config = site.module.config
@@ -179,6 +200,9 @@ class AttentionRecorder:
             site.module.fused_attn = False
             handle = site.module.attn_drop.register_forward_hook(lambda _m, _i, output: record(output))
             self._undo.append(lambda: (handle.remove(), setattr(site.module, "fused_attn", previous)))
+        elif site.backend == "dropout":
+            handle = getattr(site.module, site.attribute).register_forward_hook(lambda _m, _i, output: record(output))
+            self._undo.append(handle.remove)
         elif site.backend == "mha":
             owner, name = site.module, site.attribute
             original = getattr(owner, name)

@@ -1,0 +1,171 @@
+"""Relevancy for co-attention and encoder-decoder models (Chefer et al., ICCV 2021): region-feature VQA
+(LXMERT, VisualBERT) and DETR detections. Maps come back as `TargetMap`s, like every other explainer."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xattn_cli.capture import AttentionRecorder
+from xattn_cli.errors import UsageError
+from xattn_cli.explainers.relevancy import backward, input_gradients_only, relevance_map
+from xattn_cli.io.images import ItemError
+from xattn_cli.methods.coattention import bimodal_relevance, encoder_decoder_relevance, pooled_row
+from xattn_cli.methods.relevancy import self_attention_relevance
+from xattn_cli.methods.surgery import min_max
+from xattn_cli.models.detr import boxes_to_pixels, feature_grid
+from xattn_cli.models.regions import Regions, RegionSource, regions_to_map
+from xattn_cli.results import TargetMap
+
+
+def _unit(values: torch.Tensor) -> torch.Tensor:
+    """Min-max to [0, 1] (zeros when constant). (N,)."""
+    scaled, _ = min_max(torch.nan_to_num(values.detach().float(), nan=0.0), dim=0)
+    return scaled
+
+
+def _check_finite(scores: torch.Tensor) -> None:
+    if not torch.isfinite(scores).all():
+        raise ItemError("NonFiniteOutput", "the model produced non-finite logits")
+
+
+class VqaRelevancy:
+    """Why a region-feature VQA model gives its answer: question-token relevance and image-region relevance
+    (painted back onto the image), one target per question.
+
+    LXMERT: the bi-modal rules (reference §2.4), read from [CLS]. VisualBERT: the self-attention rules over
+    the joint stream (§2.3), read from the token its VQA head pools.
+    """
+
+    def __init__(self, adapter, questions: Sequence[str], *, answers: Sequence[str] = (),
+                 regions: RegionSource | None = None):
+        questions = [q.strip() for q in questions]
+        if not questions or not all(questions):
+            raise UsageError("--question must be given at least once and must not be empty")
+        if adapter.family not in ("lxmert", "visualbert"):
+            raise UsageError(f"{adapter.name} ({adapter.family}) is not a region-feature VQA model")
+        self.adapter, self.questions, self.model_name = adapter, questions, adapter.name
+        self.fixed_answers = [adapter.target_index(a) for a in answers]
+        self.regions = regions or adapter.regions
+        if self.regions is None:
+            raise UsageError(f"{adapter.name} needs region features: give --features FILE.npz")
+
+    def meta(self) -> dict[str, Any]:
+        return {"method": "chefer", "precision": "fp32"}
+
+    def relevance(self, batch: dict[str, torch.Tensor], regions: Regions
+                  ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+        """Logits (B, answers), the explained answer per sample, and the relevance rows of the token the
+        answer is read from: over the question's token positions (B, T) and over the regions (B, R)."""
+        adapter = self.adapter
+        visual = Regions(regions.features.clone().requires_grad_(True), regions.boxes, regions.mask, regions.grid)
+        with input_gradients_only(adapter.model), AttentionRecorder(adapter.attention_sites()) as recording:
+            logits = adapter.answer_logits(batch, visual)  # (B, answers)
+            _check_finite(logits)
+            chosen = self.fixed_answers or [int(row.argmax()) for row in logits.detach()]
+            chosen = chosen * len(logits) if len(chosen) == 1 else chosen
+            backward(sum(logits[i, a] for i, a in enumerate(chosen)), retain=False)
+        if adapter.family == "lxmert":
+            r_tt, r_ti = bimodal_relevance(recording.select("self", "text"), recording.select("self", "vision"),
+                                           recording.select("cross", "text->vision"),
+                                           recording.select("cross", "vision->text"))
+            return logits.detach(), chosen, r_tt[:, 0], r_ti[:, 0]  # the [CLS] row
+        rows = pooled_row(self_attention_relevance(recording.select("self", "joint")),
+                          adapter.pooled_index(batch))  # (B, T + R)
+        text_length = batch["input_ids"].shape[1]
+        return logits.detach(), chosen, rows[:, :text_length], rows[:, text_length:]
+
+    def _words(self, batch: dict[str, torch.Tensor], i: int) -> slice:
+        """The question's word tokens: between [CLS] and [SEP] (LXMERT); before the pooled token (VisualBERT)."""
+        if self.adapter.family == "lxmert":
+            return slice(1, int(batch["attention_mask"][i].sum()) - 1)
+        return slice(1, int(self.adapter.pooled_index(batch)[i]))
+
+    def explain(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> list[list[TargetMap]]:
+        adapter = self.adapter
+        names = list(names) or [getattr(image, "filename", "") or f"image{i}" for i, image in enumerate(images)]
+        regions = self.regions(images, names).to(adapter.device)
+        results: list[list[TargetMap]] = [[] for _ in images]
+        for question in self.questions:
+            batch = adapter.tokenize([question] * len(images))
+            logits, chosen, text_rows, region_rows = self.relevance(batch, regions)
+            for i, image in enumerate(images):
+                results[i].append(self._target(question, i, image, batch, regions, logits, chosen[i],
+                                               text_rows[i], region_rows[i]))
+        return results
+
+    def _target(self, question, i, image, batch, regions: Regions, logits, answer, text_row, region_row):
+        adapter = self.adapter
+        size = (image.height, image.width)
+        length = int(batch["attention_mask"][i].sum())
+        text = _unit(text_row[:length])  # min-max over the whole row, as the reference's perturbation code
+        words = self._words(batch, i)
+        tokens = [{"token": w, "relevance": round(float(r), 6)}
+                  for w, r in zip(adapter.token_words(batch, i)[words], text[words])]
+        real = regions.mask[i] > 0
+        if regions.grid is not None:
+            heat, degenerate = relevance_map(region_row[real], regions.grid, size)
+        else:
+            painted = regions_to_map(region_row.detach(), regions, i, size).flatten()  # (H·W,)
+            scaled, degenerate = min_max(torch.nan_to_num(painted.float(), nan=0.0), dim=0)
+            heat, degenerate = scaled.reshape(size).cpu().numpy().astype(np.float32), bool(degenerate)
+        scale = torch.tensor([image.width, image.height] * 2, dtype=regions.boxes.dtype)
+        boxes = (regions.boxes[i][real].cpu() * scale).tolist()
+        region_json = [{"box": [round(c, 1) for c in box], "relevance": round(float(r), 6)}
+                       for box, r in zip(boxes, _unit(region_row[real]))]
+        extra = {"question": question, "answer": adapter.answers[answer], "index": answer,
+                 "predicted": adapter.answers[int(logits[i].argmax())], "tokens": tokens, "regions": region_json}
+        return TargetMap(question, float(logits[i, answer]), heat, degenerate, extra)
+
+
+class DetectionRelevancy:
+    """One map per DETR detection whose class probability exceeds `threshold`: the query's relevance over
+    the encoder's image tokens (reference §2.5), upsampled to the image."""
+
+    def __init__(self, adapter, *, threshold: float = 0.5):
+        if adapter.family != "detr":
+            raise UsageError(f"{adapter.name} ({adapter.family}) is not a detection model")
+        if not 0.0 <= threshold < 1.0:
+            raise UsageError(f"--threshold must be in [0, 1), got {threshold}")
+        self.adapter, self.threshold, self.model_name = adapter, threshold, adapter.name
+
+    def meta(self) -> dict[str, Any]:
+        return {"method": "chefer", "threshold": self.threshold, "precision": "fp32"}
+
+    def detections(self, logits: torch.Tensor) -> list[list[tuple[int, int, float]]]:
+        """Per image: (query, class, probability) above the threshold, most probable first."""
+        probabilities = logits.softmax(dim=-1)[..., :-1]  # (B, Q, C): "no object" dropped
+        best, classes = probabilities.max(dim=-1)  # (B, Q)
+        found = []
+        for row_best, row_classes in zip(best.tolist(), classes.tolist()):
+            kept = [(q, c, p) for q, (p, c) in enumerate(zip(row_best, row_classes)) if p > self.threshold]
+            found.append(sorted(kept, key=lambda d: -d[2]))
+        return found
+
+    def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
+        adapter = self.adapter
+        pixels = adapter.preprocess(images, adapter.native_size)
+        results: list[list[TargetMap]] = [[] for _ in images]
+        with input_gradients_only(adapter.model), AttentionRecorder(adapter.attention_sites()) as recording:
+            logits, boxes = adapter.detect(pixels.requires_grad_(True))  # (B, Q, C + 1), (B, Q, 4)
+            _check_finite(logits)
+            found = self.detections(logits.detach())
+            slots = max((len(f) for f in found), default=0)
+            for slot in range(slots):
+                chosen = [(i, f[slot]) for i, f in enumerate(found) if slot < len(f)]
+                backward(sum(logits[i, q, c] for i, (q, c, _) in chosen), retain=slot < slots - 1)
+                relevance = encoder_decoder_relevance(recording.select("self", "encoder"),
+                                                      recording.select("self", "decoder"),
+                                                      recording.select("cross", "decoder->encoder"))  # (B, Q, I)
+                grid = feature_grid(adapter.native_size, relevance.shape[-1])
+                for i, (query, label, probability) in chosen:
+                    image = images[i]
+                    heat, degenerate = relevance_map(relevance[i, query], grid, (image.height, image.width))
+                    box = boxes_to_pixels(boxes[i, query].detach().cpu(), (image.height, image.width)).tolist()
+                    name = adapter.labels[label]
+                    extra = {"label": name, "box": [round(c, 1) for c in box], "query": query,
+                             "logit": round(float(logits[i, query, label].detach()), 6)}
+                    results[i].append(TargetMap(f"{name}-{slot}", probability, heat, degenerate, extra))
+        return results

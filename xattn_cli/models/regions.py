@@ -1,0 +1,151 @@
+"""Visual tokens for region-feature models (LXMERT, VisualBERT): features + boxes per image.
+
+Two sources: `GridRegions` cuts the image into a grid of cells (the bundled shapes-* models are trained on
+these), and `NpzRegions` reads boxes and features computed elsewhere (e.g. a bottom-up-attention Faster
+R-CNN for the public checkpoints) from one `.npz` file:
+
+    names     (K,)        image file stems
+    features  (K, R, D)   float, R regions per image (pad with zeros)
+    boxes     (K, R, 4)   x0, y0, x1, y1 in pixels of the original image
+    counts    (K,)        optional: how many of the R rows are real regions
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from xattn_cli.errors import UsageError
+from xattn_cli.io.images import ItemError
+from xattn_cli.models.base import Adapter
+
+
+@dataclass
+class Regions:
+    """A batch of visual tokens."""
+
+    features: torch.Tensor  # (B, R, D) float
+    boxes: torch.Tensor  # (B, R, 4) x0, y0, x1, y1 as fractions of each image's width and height
+    mask: torch.Tensor  # (B, R) 1 = a real region, 0 = padding
+    grid: tuple[int, int] | None = None  # the regions tile the image row-major on this (rows, cols) grid
+
+    def to(self, device: torch.device | str) -> "Regions":
+        return Regions(self.features.to(device), self.boxes.to(device), self.mask.to(device), self.grid)
+
+
+class RegionSource(Protocol):
+    def __call__(self, images: Sequence[Image.Image], names: Sequence[str]) -> Regions: ...
+
+
+class GridRegions:
+    """Each cell of a rows × cols grid is a region; its feature is the cell's pixels, `cell` × `cell`,
+    scaled to [-1, 1] and flattened (D = 3 · cell²)."""
+
+    def __init__(self, grid: tuple[int, int] = (4, 4), cell: int = 4):
+        self.grid, self.cell = grid, cell
+
+    @property
+    def dim(self) -> int:
+        return 3 * self.cell * self.cell
+
+    def __call__(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> Regions:
+        rows, cols = self.grid
+        size = (cols * self.cell, rows * self.cell)  # PIL (W, H)
+        pixels = np.stack([np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)) for image in images])
+        pixels = torch.from_numpy(pixels).float() / 127.5 - 1.0  # (B, rows·c, cols·c, 3)
+        batch = pixels.shape[0]
+        cells = pixels.view(batch, rows, self.cell, cols, self.cell, 3).permute(0, 1, 3, 2, 4, 5)  # (B, r, c, ch, cw, 3)
+        features = cells.reshape(batch, rows * cols, self.dim)  # (B, R, D)
+        y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        boxes = torch.stack([x / cols, y / rows, (x + 1) / cols, (y + 1) / rows], dim=-1).reshape(1, -1, 4).float()
+        return Regions(features, boxes.expand(batch, -1, -1).clone(), torch.ones(batch, rows * cols), self.grid)
+
+
+class NpzRegions:
+    """Precomputed regions, looked up by image file stem (format in the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            data = np.load(path, allow_pickle=False)
+            names = [str(n) for n in data["names"]]
+            features, boxes = data["features"].astype(np.float32), data["boxes"].astype(np.float32)
+            counts = data["counts"] if "counts" in data else np.full(len(names), features.shape[1])
+        except (OSError, KeyError, ValueError) as error:
+            raise UsageError(f"cannot read region features from {str(path)!r}: {error}") from None
+        if features.ndim != 3 or boxes.shape != features.shape[:2] + (4,) or len(names) != len(features):
+            raise UsageError(f"{path}: expected names (K,), features (K, R, D), boxes (K, R, 4)")
+        self.index = {name: k for k, name in enumerate(names)}
+        self.features, self.boxes, self.counts = features, boxes, counts
+
+    def __call__(self, images: Sequence[Image.Image], names: Sequence[str]) -> Regions:
+        rows = []
+        for image, name in zip(images, names):
+            stem = Path(name).stem
+            if stem not in self.index:
+                raise ItemError("MissingFeatures", f"no region features for {stem!r} in the --features file")
+            rows.append(self.index[stem])
+        scale = np.array([[image.width, image.height] * 2 for image in images], dtype=np.float32)[:, None, :]
+        regions = self.features.shape[1]
+        mask = np.arange(regions)[None, :] < np.asarray(self.counts)[rows][:, None]  # (B, R)
+        return Regions(torch.from_numpy(self.features[rows]), torch.from_numpy(self.boxes[rows] / scale),
+                       torch.from_numpy(mask).float())
+
+
+def regions_to_map(relevance: torch.Tensor, regions: Regions, index: int, size: tuple[int, int]) -> torch.Tensor:
+    """(R,) region relevance of sample `index` → (H, W): each pixel takes the largest relevance of the real
+    boxes that cover it (0 where none does)."""
+    height, width = size
+    boxes = regions.boxes[index][regions.mask[index] > 0]  # (R', 4)
+    values = relevance[regions.mask[index] > 0]  # (R',)
+    ys = (torch.arange(height, dtype=boxes.dtype, device=boxes.device) + 0.5) / height  # (H,)
+    xs = (torch.arange(width, dtype=boxes.dtype, device=boxes.device) + 0.5) / width  # (W,)
+    inside_y = (ys[None, :] >= boxes[:, 1:2]) & (ys[None, :] < boxes[:, 3:4])  # (R', H)
+    inside_x = (xs[None, :] >= boxes[:, 0:1]) & (xs[None, :] < boxes[:, 2:3])  # (R', W)
+    inside = inside_y[:, :, None] & inside_x[:, None, :]  # (R', H, W)
+    painted = torch.where(inside, values.to(boxes.dtype)[:, None, None], torch.zeros((), dtype=boxes.dtype))
+    return painted.amax(dim=0) if len(values) else torch.zeros(height, width)  # (H, W)
+
+
+class RegionVqaAdapter(Adapter):
+    """A VQA model over a question and region features: what `explainers.multimodal.VqaRelevancy` needs."""
+
+    name: str
+    answers: list[str]
+
+    def __init__(self, model: torch.nn.Module, tokenizer, regions: RegionSource | None = None):
+        super().__init__(model)
+        self.tokenizer = tokenizer
+        self.regions = regions  # where visual tokens come from when the caller gives none
+
+    def tokenize(self, questions: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(questions), padding=True, return_tensors="pt")
+        return {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask", "token_type_ids")
+                if key in batch}
+
+    def token_words(self, batch: dict[str, torch.Tensor], row: int) -> list[str]:
+        length = int(batch["attention_mask"][row].sum())
+        return self.tokenizer.convert_ids_to_tokens(batch["input_ids"][row, :length].tolist())
+
+    def target_index(self, answer: str) -> int:
+        if answer in self.answers:
+            return self.answers.index(answer)
+        raise UsageError(f"unknown answer {answer!r}; this model's answers: {', '.join(self.answers[:20])}"
+                         + (" ..." if len(self.answers) > 20 else ""))
+
+    def answer_logits(self, batch: dict[str, torch.Tensor], regions: Regions) -> torch.Tensor:
+        """(B, answers) logits."""
+        raise NotImplementedError
+
+    def attention_sites(self) -> list:
+        raise NotImplementedError
+
+
+def answer_labels(config) -> list[str]:
+    """Answer names from a HF config's id2label, or `answer K` when it has none for every answer."""
+    count = getattr(config, "num_qa_labels", None) or config.num_labels
+    names = {int(k): v for k, v in (config.id2label or {}).items()}
+    return [names.get(k, f"answer {k}") for k in range(count)]
