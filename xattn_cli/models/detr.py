@@ -36,6 +36,7 @@ class DetrAdapter(Adapter):
         with parameters frozen, would get no gradient.
         """
         config = self.model.config
+        pixels = pixels.to(next(self.model.parameters()).dtype)
         queries = torch.zeros(pixels.shape[0], config.num_queries, config.d_model, dtype=pixels.dtype,
                               device=pixels.device, requires_grad=pixels.requires_grad)  # (B, Q, D)
         output = self.model(pixel_values=pixels, decoder_inputs_embeds=queries)
