@@ -1,0 +1,171 @@
+"""`xattn bench quality`: data, the evaluation loop on an oracle with known answers, sanity, and the CLI."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from xattn_cli.cli.app import app
+from xattn_cli.eval.metrics import pool_to_tokens
+from xattn_cli.eval.quality import (ClipTask, Task, centre_map, evaluate, held_out_scenes, load_dataset,
+                                    random_map, sanity_cascade, scene_targets, summarise, vision_blocks)
+from xattn_cli.world.export import export_dataset
+from xattn_cli.world.shapes import scene_at
+
+runner = CliRunner()
+
+
+def shares_colour_or_shape(scene) -> bool:
+    objects = scene.objects
+    return len({o.color for o in objects}) < len(objects) or len({o.shape for o in objects}) < len(objects)
+
+
+def test_held_out_scenes_are_fixed_and_include_shared_colours_or_shapes():
+    scenes = held_out_scenes(12)
+    again = held_out_scenes(12)
+    assert [ident for ident, _ in scenes] == [ident for ident, _ in again]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for (_, a), (_, b) in zip(scenes, again))
+    assert {len(scene.objects) for _, scene in scenes} == {2, 3, 4}
+    assert sum(shares_colour_or_shape(scene) for _, scene in scenes) >= 4
+
+
+def test_a_target_named_by_two_objects_has_the_union_of_their_masks():
+    scene = next(scene for _, scene in held_out_scenes(30)
+                 if len({o.shape for o in scene.objects}) < len(scene.objects))
+    by_shape = dict(scene_targets(scene, lambda obj: obj.shape))
+    assert len(by_shape) == len({o.shape for o in scene.objects})
+    for shape, mask in by_shape.items():
+        union = np.logical_or.reduce([o.mask for o in scene.objects if o.shape == shape])
+        assert np.array_equal(mask, union)
+    assert [name for name, _ in scene_targets(scene, ClipTask.target_of)] == [o.caption for o in scene.objects]
+
+
+def test_dataset_folder_round_trip(tmp_path):
+    export_dataset(tmp_path, 3, seed=4, size=48)
+    loaded = load_dataset(tmp_path)
+    assert [ident for ident, _ in loaded] == ["000000", "000001", "000002"]
+    for index, (_, scene) in enumerate(loaded):
+        original = scene_at(4, index, size=48)
+        assert np.array_equal(np.asarray(scene.image), np.asarray(original.image))
+        assert [(o.shape, o.color) for o in scene.objects] == [(o.shape, o.color) for o in original.objects]
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(scene.objects, original.objects))
+
+
+def test_baseline_maps():
+    centre = centre_map((64, 48))
+    assert centre.shape == (48, 64)
+    peaks = np.argwhere(centre == centre.max())
+    assert {tuple(p) for p in peaks} == {(23, 31), (23, 32), (24, 31), (24, 32)}
+    noise = random_map((64, 48), (1, 2, 3))
+    assert noise.shape == (48, 64) and 0 <= noise.min() and noise.max() < 1
+    assert np.array_equal(noise, random_map((64, 48), (1, 2, 3)))
+    assert not np.array_equal(noise, random_map((64, 48), (1, 2, 4)))
+
+
+class OracleTask(Task):
+    """Maps are the ground-truth masks themselves; the score is the share of the target's patches kept."""
+
+    methods = ("oracle",)
+
+    def __init__(self, scenes):
+        adapter = SimpleNamespace(native_size=(64, 64), patch_size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3)
+        super().__init__(adapter, [])
+        self.truth = {id(scene.image): dict(scene_targets(scene, self.target_of)) for _, scene in scenes}
+
+    @staticmethod
+    def target_of(obj):
+        return obj.caption
+
+    def maps(self, method, image, targets):
+        return [self.truth[id(image)][target].astype(np.float32) for target in targets]
+
+    def scorer(self, image, target):
+        weights = pool_to_tokens(self.truth[id(image)][target].astype(np.float32), self.grid)  # (N,)
+        return lambda keep: (keep.float() * weights).sum(dim=1) / weights.sum()  # (S,)
+
+
+def test_evaluate_scores_an_oracle_perfectly_and_the_floors_below_it():
+    scenes = held_out_scenes(6)
+    values = evaluate(OracleTask(scenes), scenes, ["oracle", "centre", "random"])
+    targets = sum(len(scene.objects) for _, scene in scenes)
+    oracle = summarise(values["oracle"], resamples=200)
+    assert oracle["targets"] == targets
+    for metric in ("pointing", "miou", "energy"):
+        assert oracle[metric]["mean"] == pytest.approx(1.0)
+    for floor in ("centre", "random"):
+        summary = summarise(values[floor], resamples=200)
+        assert summary["pointing"]["mean"] < 0.5 and summary["energy"]["mean"] < 0.5
+        assert oracle["auc_positive"]["mean"] < summary["auc_positive"]["mean"]
+        assert oracle["auc_negative"]["mean"] > summary["auc_negative"]["mean"]
+        low, mean, high = (summary["energy"][key] for key in ("low", "mean", "high"))
+        assert low <= mean <= high
+
+
+def test_sanity_cascade_flags_model_independent_maps_and_restores_the_model(vit_adapter):
+    scenes = [(str(i), scene_at(9, i, size=32, n_objects=2)) for i in range(2)]
+    task = ClipTask(vit_adapter, {obj.caption for _, scene in scenes for obj in scene.objects})
+    blocks = vision_blocks(vit_adapter)
+    assert [b is r for b, r in zip(blocks, vit_adapter.model.visual.transformer.resblocks)] == [True] * 4
+    before = {name: tensor.clone() for name, tensor in vit_adapter.model.state_dict().items()}
+    curves = sanity_cascade(task, scenes, ["raw", "centre"])
+    assert curves["centre"] == [1.0] * 4
+    assert len(curves["raw"]) == 4 and curves["raw"][-1] < 0.5
+    after = vit_adapter.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_cli_runs_both_bundled_models_and_writes_json_and_plot(tmp_path):
+    result = runner.invoke(app, ["bench", "quality", "--scenes", "2", "--methods", "surgery,chefer", "--methods",
+                                 "random", "--sanity", "--sanity-scenes", "1", "--resamples", "200", "--device", "cpu",
+                                 "--json", str(tmp_path / "run" / "quality.json"), "--plot", str(tmp_path / "q.png")])
+    assert result.exit_code == 0, result.output
+    assert "shapes-vit: skipped surgery" in result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].startswith("| model | method | targets | pointing")
+    saved = json.loads((tmp_path / "run" / "quality.json").read_text())
+    assert [(row["model"], row["method"]) for row in saved["rows"]] == [
+        ("shapes-clip", "surgery"), ("shapes-clip", "chefer"), ("shapes-clip", "random"),
+        ("shapes-vit", "chefer"), ("shapes-vit", "random")]
+    for row in saved["rows"]:
+        assert f"| {row['model']} | {row['method']} | {row['targets']} | {row['pointing']['mean']:.3f}" in result.stdout
+        for metric in ("pointing", "miou", "energy", "auc_positive", "auc_negative"):
+            assert 0 <= row[metric]["low"] <= row[metric]["mean"] <= row[metric]["high"] <= 1
+    flagged = {(row["model"], row["method"]): row["flagged"] for row in saved["sanity"]["rows"]}
+    assert flagged[("shapes-clip", "random")] and flagged[("shapes-vit", "random")]
+    assert not flagged[("shapes-clip", "surgery")]
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def malformed(tmp_path, line: str):
+    export_dataset(tmp_path, 1, seed=0, size=32)
+    (tmp_path / "annotations.jsonl").write_text((tmp_path / "annotations.jsonl").read_text() + line + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing"], "no such folder"),
+    (["--data", "{tmp}"], "no annotations.jsonl"),
+    (["--models", "nope"], "unknown model 'nope'"),
+    (["--methods", "chefer,nope"], "unknown method 'nope'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["bench", "quality", *[a.format(tmp=tmp_path) for a in args]])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "annotations.jsonl:2:"),
+    ('{"id": "x", "image": "images/000000.png"}', "annotations.jsonl:2: missing key 'objects'"),
+    ('{"id": "x", "image": "images/000000.png", "objects": [{"k": 0, "shape": "star", "color": "red", '
+     '"mask": "masks/gone.png"}]}', "annotations.jsonl:2:"),
+])
+def test_malformed_annotations_are_one_line_and_exit_2(tmp_path, line, message):
+    folder = malformed(tmp_path, line)
+    result = runner.invoke(app, ["bench", "quality", "--data", str(folder), "--models", "shapes-vit"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

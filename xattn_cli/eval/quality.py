@@ -1,0 +1,394 @@
+"""`xattn bench quality`: how faithful each method's maps are, against ground-truth masks.
+
+Data: a dataset folder (DESIGN §5) or a generated held-out set of shapes-world scenes (seed 40 000, which
+no training run or benchmark script uses): 2–4 objects, and in about half the scenes two objects share a
+colour or a shape, so that colour alone cannot win (DESIGN §7). A CLIP model explains each object's
+caption ("a red star") among the scene's captions; a classifier explains each shape label present. A
+target's ground truth is the union of the masks of the objects it names.
+
+Every (model, method) gets the metrics of `eval.metrics` per target, then means with 95% bootstrap
+intervals. `random` (iid noise) and `centre` (a Gaussian bump at the image centre) are floor baselines
+that look at no model. The perturbation score is the classifier's probability of the target label
+(sigmoid for multi-label models), or the CLIP model's softmax probability of the target caption among
+all captions of the data (prompt ensemble), on the input with tokens removed.
+
+Sanity (cascading randomisation, Adebayo et al. 2018): the vision tower's blocks are re-drawn from the
+top, one more at each step (each parameter from a normal with the parameter's own mean and std), and
+each method's token relevances are compared with those on the trained model by Spearman correlation. A
+method whose maps still correlate ≥ 0.5 once every block is random is flagged: its maps do not depend on
+what the model learned.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from xattn_cli.errors import UsageError
+from xattn_cli.eval import BASELINES, DEFAULT_SCENES, HELD_OUT_SEED, METRIC_LABELS
+from xattn_cli.eval.metrics import (PERTURBATION_STEPS, bootstrap_ci, energy_in_mask, mean_threshold_miou,
+                                    perturbation_auc, pointing, pool_to_tokens, remove_tokens, spearman)
+from xattn_cli.io.images import ItemError, load_image
+from xattn_cli.methods.relevancy import METHODS as RELEVANCY_METHODS
+from xattn_cli.world.shapes import Scene, SceneObject, scene_at
+
+SCENE_SIZE = 64  # the bundled models' input size
+METHODS = ("surgery", *RELEVANCY_METHODS, *BASELINES)
+METRICS = tuple(METRIC_LABELS)
+CONFIDENCE = 0.95
+SANITY_FLAG = 0.5  # mean Spearman with every block random at or above this: the maps ignore the model
+RANDOM_MAP_SEED, SANITY_SEED = 7, 11
+
+Scenes = list[tuple[str, Scene]]  # (id, scene)
+
+
+# --- data ------------------------------------------------------------------------------------------
+def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> Scenes:
+    """Scenes 0..count−1 of the held-out stream: 2, 3, 4, 2, ... objects; shared colours or shapes in about half."""
+    return [(f"{seed}-{index:06d}", scene_at(seed, index, size=SCENE_SIZE, n_objects=2 + index % 3))
+            for index in range(count)]
+
+
+def load_dataset(folder: str | Path) -> Scenes:
+    """The scenes of a dataset folder (DESIGN §5). Raises UsageError naming the file and line at fault."""
+    folder = Path(folder)
+    annotations = folder / "annotations.jsonl"
+    if not folder.is_dir():
+        raise UsageError(f"--data {folder}: no such folder")
+    if not annotations.is_file():
+        raise UsageError(f"--data {folder}: no annotations.jsonl (a dataset folder as `xattn world export` writes)")
+    scenes: Scenes = []
+    with open(annotations, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                scenes.append((str(record["id"]), _annotated_scene(folder, record)))
+            except (ValueError, KeyError, TypeError, ItemError, OSError) as error:
+                reason = f"missing key {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+                raise UsageError(f"{annotations}:{number}: {reason or type(error).__name__}") from None
+    if not any(scene.objects for _, scene in scenes):
+        raise UsageError(f"{annotations}: no annotated objects")
+    return scenes
+
+
+def _annotated_scene(folder: Path, record: dict) -> Scene:
+    image = load_image(folder / record["image"])
+    objects = []
+    for entry in record["objects"]:
+        mask = np.asarray(load_image(folder / entry["mask"]).convert("L")) > 127  # (H, W)
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"mask {entry['mask']} is {mask.shape[1]}x{mask.shape[0]}, "
+                             f"its image {image.width}x{image.height}")
+        objects.append(SceneObject(int(entry["k"]), str(entry["shape"]), str(entry["color"]),
+                                   tuple(entry.get("box", (0, 0, 0, 0))), mask))
+    return Scene(image, objects, list(record.get("captions", [])), list(record.get("qa", [])))
+
+
+def scene_targets(scene: Scene, target_of: Callable[[SceneObject], str]) -> list[tuple[str, np.ndarray]]:
+    """Each distinct target of the scene and the union of the masks of the objects it names."""
+    masks: dict[str, np.ndarray] = {}
+    for obj in scene.objects:
+        name = target_of(obj)
+        masks[name] = masks[name] | obj.mask if name in masks else obj.mask
+    return list(masks.items())
+
+
+# --- what each model family contributes -------------------------------------------------------------
+class Task:
+    """One model as the benchmark sees it: its methods, its targets, their maps and a target score."""
+
+    methods: tuple[str, ...]
+
+    def __init__(self, adapter, targets: Iterable[str]):
+        self.adapter = adapter
+        height, width = adapter.native_size
+        self.grid = (height // adapter.patch_size[0], width // adapter.patch_size[1])
+        self.fill = -torch.tensor(adapter.mean) / torch.tensor(adapter.std)  # (3,) black after normalising
+
+    @staticmethod
+    def target_of(obj: SceneObject) -> str:
+        raise NotImplementedError
+
+    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(S, 3, H, W) inputs → (S, C) probabilities over the model's targets."""
+        raise NotImplementedError
+
+    def index(self, target: str) -> int:
+        raise NotImplementedError
+
+    def scorer(self, image: Image.Image, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(S, N) keep masks → (S,) probability of `target` with the other tokens' patches blacked out."""
+        pixels = self.adapter.preprocess([image], self.adapter.native_size)[0]  # (3, H, W)
+        column, fill = self.index(target), self.fill.to(pixels.device)
+
+        @torch.inference_mode()
+        def score(keep: torch.Tensor) -> torch.Tensor:
+            perturbed = remove_tokens(pixels, keep.to(pixels.device), self.grid, fill)  # (S, 3, H, W)
+            return self.probabilities(perturbed)[:, column].float().cpu()  # (S,)
+
+        return score
+
+
+class ClipTask(Task):
+    methods = ("surgery", *RELEVANCY_METHODS)
+
+    def __init__(self, adapter, targets: Iterable[str]):
+        super().__init__(adapter, targets)
+        self.vocabulary = sorted(targets)
+        self.text_features = adapter.text_embeddings(self.vocabulary)  # (C, E), normalised
+
+    @staticmethod
+    def target_of(obj: SceneObject) -> str:
+        return obj.caption
+
+    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+        from xattn_cli.explainers.relevancy import ClipRelevancy
+        from xattn_cli.explainers.surgery import SurgeryExplainer
+
+        explainer = (SurgeryExplainer(self.adapter, targets) if method == "surgery"
+                     else ClipRelevancy(self.adapter, targets, method=method))
+        return [target.map for target in explainer.explain([image])[0]]
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.adapter.encode_image(pixels), dim=-1)  # (S, E)
+        return (self.adapter.logit_scale * image @ self.text_features.T).softmax(dim=-1)  # (S, C)
+
+    def index(self, target: str) -> int:
+        return self.vocabulary.index(target)
+
+
+class ClassifierTask(Task):
+    methods = tuple(RELEVANCY_METHODS)
+
+    def __init__(self, adapter, targets: Iterable[str]):
+        super().__init__(adapter, targets)
+        for target in targets:
+            adapter.target_index(target)  # a label the model lacks is a usage error, before any work
+
+    @staticmethod
+    def target_of(obj: SceneObject) -> str:
+        return obj.shape
+
+    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+        from xattn_cli.explainers.relevancy import ClassifierRelevancy
+
+        explainer = ClassifierRelevancy(self.adapter, method=method, targets=targets)
+        return [target.map for target in explainer.explain([image])[0]]
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = self.adapter.classify(pixels)  # (S, C)
+        return logits.sigmoid() if self.adapter.multi_label else logits.softmax(dim=-1)
+
+    def index(self, target: str) -> int:
+        return self.adapter.target_index(target)
+
+
+TASKS: dict[str, type[Task]] = {"clip": ClipTask, "vit": ClassifierTask}
+
+
+def task_for(adapter, scenes: Scenes) -> Task:
+    kind = TASKS.get(getattr(adapter, "family", ""))
+    if kind is None:
+        raise _unsupported(adapter.name, adapter.family)
+    return kind(adapter, {kind.target_of(obj) for _, scene in scenes for obj in scene.objects})
+
+
+def _unsupported(model: str, family: str) -> UsageError:
+    return UsageError(f"{model} ({family}) has no quality benchmark yet (families: {', '.join(TASKS)})")
+
+
+# --- maps ----------------------------------------------------------------------------------------------
+def random_map(size: tuple[int, int], seed: Sequence[int]) -> np.ndarray:
+    """iid uniform noise, (H, W) for an image of `size` (W, H)."""
+    width, height = size
+    return np.random.default_rng(list(seed)).random((height, width), dtype=np.float32)
+
+
+def centre_map(size: tuple[int, int]) -> np.ndarray:
+    """A Gaussian bump at the image centre, σ a quarter of each side; (H, W) for `size` (W, H)."""
+    width, height = size
+    rows = (np.arange(height) + 0.5 - height / 2) / (height / 4)  # (H,)
+    cols = (np.arange(width) + 0.5 - width / 2) / (width / 4)  # (W,)
+    return np.exp(-(rows[:, None] ** 2 + cols[None, :] ** 2) / 2).astype(np.float32)  # (H, W)
+
+
+def method_maps(task: Task, method: str, scene: Scene, targets: list[str], scene_index: int) -> list[np.ndarray]:
+    """One (H, W) map per target: the method's, or a baseline's."""
+    if method == "random":
+        return [random_map(scene.image.size, (RANDOM_MAP_SEED, scene_index, k)) for k in range(len(targets))]
+    if method == "centre":
+        return [centre_map(scene.image.size)] * len(targets)
+    return task.maps(method, scene.image, targets)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+def target_metrics(heatmap: np.ndarray, mask: np.ndarray, grid: tuple[int, int],
+                   score: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    relevance = pool_to_tokens(heatmap, grid)  # (N,)
+    return {"pointing": pointing(heatmap, mask), "miou": mean_threshold_miou(heatmap, mask),
+            "energy": energy_in_mask(heatmap, mask), "auc_positive": perturbation_auc(relevance, score, True),
+            "auc_negative": perturbation_auc(relevance, score, False)}
+
+
+def evaluate(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """Per method, per metric: one value per target of every scene."""
+    values = {method: {metric: [] for metric in METRICS} for method in methods}
+    for index, (_, scene) in enumerate(scenes):
+        targets = scene_targets(scene, task.target_of)
+        if not targets:
+            continue
+        names = [name for name, _ in targets]
+        scorers = [task.scorer(scene.image, name) for name in names]
+        for method in methods:
+            for (_, mask), score, heatmap in zip(targets, scorers, method_maps(task, method, scene, names, index)):
+                for metric, value in target_metrics(heatmap, mask, task.grid, score).items():
+                    values[method][metric].append(value)
+    return values
+
+
+def summarise(values: dict[str, list[float]], resamples: int) -> dict:
+    """Mean and bootstrap interval of each metric."""
+    summary: dict = {"targets": len(values[METRICS[0]])}
+    for metric, sample in values.items():
+        low, high = bootstrap_ci(sample, resamples, CONFIDENCE)
+        summary[metric] = {"mean": float(np.mean(sample)), "low": low, "high": high}
+    return summary
+
+
+def token_relevances(task: Task, method: str, scenes: Scenes) -> list[torch.Tensor]:
+    """(N,) token relevance of every target of every scene, in order."""
+    relevances = []
+    for index, (_, scene) in enumerate(scenes):
+        names = [name for name, _ in scene_targets(scene, task.target_of)]
+        if names:
+            relevances += [pool_to_tokens(m, task.grid) for m in method_maps(task, method, scene, names, index)]
+    return relevances
+
+
+def vision_blocks(adapter) -> list[torch.nn.Module]:
+    """The vision tower's blocks, bottom first: the `ModuleList` entries that hold its attention sites."""
+    sites = sorted((site for site in adapter.attention_sites() if site.stream == "vision"), key=lambda s: s.layer)
+    entries = [child for module in adapter.model.modules() if isinstance(module, torch.nn.ModuleList)
+               for child in module]
+    return [next(entry for entry in entries if any(m is site.module for m in entry.modules())) for site in sites]
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Re-draw every parameter from a normal with that parameter's own mean and standard deviation."""
+    for parameter in module.parameters():
+        noise = torch.randn(parameter.shape, generator=generator).to(parameter.device, parameter.dtype)
+        parameter.copy_(noise * parameter.std(correction=0) + parameter.mean())
+
+
+def sanity_cascade(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[str, list[float]]:
+    """Per method: the mean Spearman correlation with the trained model's token relevances after the top
+    1, 2, ..., L vision blocks are randomised. The model is restored afterwards."""
+    original = {method: token_relevances(task, method, scenes) for method in methods}
+    model = task.adapter.model
+    saved = copy.deepcopy(model.state_dict())
+    generator = torch.Generator().manual_seed(SANITY_SEED)
+    curves: dict[str, list[float]] = {method: [] for method in methods}
+    try:
+        for block in reversed(vision_blocks(task.adapter)):
+            randomise(block, generator)
+            for method in methods:
+                after = token_relevances(task, method, scenes)
+                curves[method].append(float(np.mean([spearman(a, b) for a, b in zip(original[method], after)])))
+    finally:
+        model.load_state_dict(saved)
+    return curves
+
+
+def check_names(models: Sequence[str], methods: Sequence[str]) -> None:
+    """Unknown models or methods, and model families without a task, are usage errors before any work."""
+    from xattn_cli.models.registry import resolve
+
+    if not models:
+        raise UsageError("no bundled model with weights to measure; name one with --models")
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")
+    for name in models:
+        spec, _ = resolve(name)
+        if spec.family not in TASKS and spec.family != "auto":  # "auto": known once loaded
+            raise _unsupported(name, spec.family)
+
+
+def default_models() -> list[str]:
+    """Every bundled model with weights present whose family the benchmark knows."""
+    from xattn_cli.models.registry import list_models
+
+    return [spec.name for spec in list_models()
+            if spec.bundled and spec.family in TASKS and spec.weights_available()]
+
+
+def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Path | None = None,
+                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, device: str = "cpu", resamples: int = 1000,
+                sanity_scenes: int = 0, log: Callable[[str], None] = lambda line: None) -> dict:
+    """The whole benchmark as a JSON-ready dict (see `format_tables` for the columns).
+
+    Args:
+        data: a dataset folder; None generates `scenes` held-out scenes of stream `seed`.
+        sanity_scenes: with N > 0, also the randomisation cascade on the first N scenes.
+    Methods that do not apply to a model (surgery on a classifier) are skipped for it, with a log line.
+    Raises UsageError for unknown names and bad data, before any model runs.
+    """
+    from xattn_cli import __version__
+    from xattn_cli.models.registry import load_model
+
+    check_names(models, methods)
+    started = time.perf_counter()
+    scenes = load_dataset(data) if data is not None else held_out_scenes(scenes, seed)
+    rows, sanity = [], []
+    for name in models:
+        task = task_for(load_model(name, device=device), scenes)
+        chosen = [method for method in methods if method in task.methods or method in BASELINES]
+        skipped = [method for method in methods if method not in chosen]
+        if skipped:
+            log(f"{name}: skipped {', '.join(skipped)} (not available for this model)")
+        model_started = time.perf_counter()
+        values = evaluate(task, scenes, chosen)
+        rows += [{"model": name, "method": method, **summarise(values[method], resamples)} for method in chosen]
+        log(f"{name}: {len(chosen)} methods on {len(scenes)} scenes in {time.perf_counter() - model_started:.0f} s")
+        if sanity_scenes:
+            curves = sanity_cascade(task, scenes[:sanity_scenes], chosen)
+            sanity += [{"model": name, "method": method, "spearman": curve, "flagged": curve[-1] >= SANITY_FLAG}
+                       for method, curve in curves.items()]
+    source = str(data) if data is not None else f"held-out shapes world, seed {seed}"
+    return {"benchmark": "quality", "xattn": __version__, "data": source, "scenes": len(scenes),
+            "steps": list(PERTURBATION_STEPS), "resamples": resamples, "confidence": CONFIDENCE,
+            "rows": rows, "sanity": {"scenes": min(sanity_scenes, len(scenes)), "flag_at": SANITY_FLAG,
+                                     "rows": sanity} if sanity_scenes else None,
+            "elapsed_s": round(time.perf_counter() - started, 1)}
+
+
+# --- tables --------------------------------------------------------------------------------------------
+def format_tables(result: dict) -> str:
+    """Markdown: one row per (model, method), `mean [low, high]` per metric; then the sanity table."""
+    lines = ["| model | method | targets | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+             "| --- | --- | ---: |" + " --- |" * len(METRICS)]
+    for row in result["rows"]:
+        cells = [f"{row[m]['mean']:.3f} [{row[m]['low']:.3f}, {row[m]['high']:.3f}]" for m in METRICS]
+        lines.append(f"| {row['model']} | {row['method']} | {row['targets']} | " + " | ".join(cells) + " |")
+    if result.get("sanity"):
+        sanity = result["sanity"]
+        lines += ["", f"Sanity: Spearman ρ with the trained model's maps after randomising the top 1, 2, … vision "
+                      f"blocks ({sanity['scenes']} scenes); flagged when ρ ≥ {sanity['flag_at']} with all random.", "",
+                  "| model | method | ρ by blocks randomised | flagged |", "| --- | --- | --- | --- |"]
+        for row in sanity["rows"]:
+            curve = ", ".join(f"{value:.2f}" for value in row["spearman"])
+            lines.append(f"| {row['model']} | {row['method']} | {curve} | {'FLAGGED' if row['flagged'] else 'ok'} |")
+    return "\n".join(lines)
