@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from _report import report
+from xattn_cli.eval.metrics import pointing as pointing_hit
 from xattn_cli.explainers.surgery import SurgeryExplainer
 from xattn_cli.methods.surgery import interpolate_grid_embedding, similarity_map
 from xattn_cli.models.bundled import load_bundled_clip
@@ -49,9 +50,7 @@ def pointing(adapter, seed: int, n: int, blocks: int | None, size: int | None, s
             maps = [t.map for t in explainer.explain([scene.image])[0]]
         else:
             maps = plain_similarity_maps(adapter, explainer, scene.image)
-        for obj, heat in zip(scene.objects, maps):
-            row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-            hits.append(bool(obj.mask[row, col]))
+        hits += [pointing_hit(heat, obj.mask) for obj, heat in zip(scene.objects, maps)]
     return float(np.mean(hits))
 
 

@@ -17,23 +17,24 @@ import torch
 
 from _report import report
 from xattn_cli.config import load_config
-from xattn_cli.explainers.relevancy import ClassifierRelevancy
+from xattn_cli.eval.metrics import pointing
+from xattn_cli.eval.quality import ClassifierTask, scene_targets
 from xattn_cli.methods.relevancy import METHODS
 from xattn_cli.models.bundled import shapes_vit
 from xattn_cli.train.shapes_vit import evaluate
-from xattn_cli.world.shapes import scene_at
+from xattn_cli.world.shapes import SHAPES, scene_at
 
 HELD_OUT = 21_000
 
 
-def pointing(adapter, method: str, scenes: int) -> float:
+def pointing_game(adapter, method: str, scenes: int) -> float:
+    task = ClassifierTask(adapter, SHAPES)
     hits = []
     for i in range(scenes):
         scene = scene_at(HELD_OUT, i, size=64, n_objects=2 + i % 2, distinct_shapes=True)
-        explainer = ClassifierRelevancy(adapter, method=method, targets=[o.shape for o in scene.objects])
-        for obj, target in zip(scene.objects, explainer.explain([scene.image])[0]):
-            row, col = np.unravel_index(int(np.argmax(target.map)), target.map.shape)
-            hits.append(bool(obj.mask[row, col]))
+        targets = scene_targets(scene, task.target_of)
+        maps = task.maps(method, scene.image, [name for name, _ in targets])
+        hits += [pointing(heatmap, mask) for (_, mask), heatmap in zip(targets, maps)]
     return float(np.mean(hits))
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     adapter = shapes_vit(args.weights)
     figures = evaluate(adapter.model, load_config("shapes-vit"), n=2 * args.scenes)
     for method in METHODS:
-        figures[f"pointing_{method}"] = pointing(adapter, method, args.scenes)
+        figures[f"pointing_{method}"] = pointing_game(adapter, method, args.scenes)
     report(figures, args.json)
 
 
