@@ -11,6 +11,7 @@ from xattn_cli import __version__
 from xattn_cli.cli import bench as bench_cli
 from xattn_cli.cli import models as models_cli
 from xattn_cli.cli import relevancy as relevancy_cli
+from xattn_cli.cli import report as report_cli
 from xattn_cli.cli import surgery as surgery_cli
 from xattn_cli.cli import world as world_cli
 
@@ -41,6 +42,7 @@ def root(
 app.command("surgery")(surgery_cli.surgery)
 app.command("relevancy")(relevancy_cli.relevancy)
 app.command("models")(models_cli.models)
+app.command("report")(report_cli.report)
 app.add_typer(world_cli.app, name="world")
 app.add_typer(bench_cli.app, name="bench")
 

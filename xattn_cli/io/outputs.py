@@ -180,12 +180,7 @@ class ResultsLog:
         Artifact files are looked up by name inside `out_dir`, where they always live, so the answer
         does not depend on the working directory the earlier run used.
         """
-        latest: dict[str, dict[str, Any]] = {}
-        with open(self.path, encoding="utf-8", errors="replace") as file:
-            for line in file:
-                record = _parse_record(line)
-                if record is not None:
-                    latest[record["image"]] = record
+        latest = latest_records(self.path)
         return {image for image, record in latest.items() if self._is_complete(record)}
 
     def _is_complete(self, record: dict[str, Any]) -> bool:
@@ -195,8 +190,8 @@ class ResultsLog:
         targets = record.get("targets") or []
         if not all(isinstance(target, dict) for target in targets):
             return False
-        named = [Path(str(target[key])).name for target in targets for key in FILE_KEYS if target.get(key)]
-        return all((self.out_dir / name).is_file() for name in named)
+        named = [target[key] for target in targets for key in FILE_KEYS if target.get(key)]
+        return all(artifact_in(self.out_dir, name).is_file() for name in named)
 
     def close(self) -> None:
         """Close the log file."""
@@ -209,6 +204,23 @@ class ResultsLog:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
+
+
+def latest_records(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The last record of each image in a results.jsonl file, in first-seen order (truncated lines skipped)."""
+    latest: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for line in file:
+            record = _parse_record(line)
+            if record is not None:
+                latest[record["image"]] = record
+    return latest
+
+
+def artifact_in(out_dir: str | Path, recorded: object) -> Path:
+    """Where an artifact a record names (as the run saw it, relative to its working directory) lies now:
+    in `out_dir`, under its own name."""
+    return Path(out_dir) / Path(str(recorded)).name
 
 
 def _parse_record(line: str) -> dict[str, Any] | None:

@@ -1,0 +1,231 @@
+"""`xattn report`: one self-contained HTML page for a folder of results and/or benchmark runs.
+
+- A results folder (`results.jsonl` from `xattn surgery` / `xattn relevancy`) becomes a gallery: one row
+  per image and target with the image, its overlay, the score and the text tokens' relevance; an error
+  record gets a row with its message.
+- Each `*.json` in the folder that `xattn bench quality --json` wrote becomes its tables and its plot.
+
+Images are embedded as PNG data URIs (thumbnails), so the page references nothing outside itself and can
+be mailed or archived alone. A small inline script sorts a table by the column header clicked.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+
+from xattn_cli.errors import UsageError
+from xattn_cli.eval import METRIC_LABELS
+from xattn_cli.io.images import ItemError, load_image
+from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, latest_records
+
+THUMBNAIL = 192  # longest side of an embedded image, in pixels
+TARGET_KEYS = {"target", "score", "overlay", "map", "tokens", "degenerate", "peak"}  # shown in their own columns
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0 1.6em; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; }
+th[data-type] { cursor: pointer; user-select: none; }
+th[data-order="descending"]::after { content: " \\25BC"; }
+th[data-order="ascending"]::after { content: " \\25B2"; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.error { color: #a00; }
+small, .meta { color: #666; }
+img.thumb { width: 160px; height: auto; image-rendering: pixelated; }
+img.plot { max-width: 100%; }
+span.token { padding: 1px 3px; margin: 1px; border-radius: 3px; display: inline-block; }
+"""
+
+SORT_SCRIPT = """
+document.querySelectorAll("th[data-type]").forEach((header) => {
+  header.addEventListener("click", () => {
+    const table = header.closest("table");
+    const column = Array.from(header.parentNode.children).indexOf(header);
+    const descending = header.dataset.order !== "descending";
+    table.querySelectorAll("th").forEach((th) => delete th.dataset.order);
+    header.dataset.order = descending ? "descending" : "ascending";
+    const key = (row) => {
+      const cell = row.cells[column];
+      const value = cell.dataset.value ?? cell.textContent.trim();
+      if (header.dataset.type !== "number") return value.toLowerCase();
+      const number = parseFloat(value);
+      return Number.isNaN(number) ? -Infinity : number;
+    };
+    const body = table.tBodies[0];
+    const rows = Array.from(body.rows);
+    rows.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * (descending ? -1 : 1));
+    rows.forEach((row) => body.appendChild(row));
+  });
+});
+"""
+
+
+def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write the page (default `<folder>/report.html`) and return its path."""
+    page = build_report(folder)
+    path = Path(out) if out is not None else Path(folder) / "report.html"
+    atomic_write_bytes(path, page.encode("utf-8"))
+    return path
+
+
+def build_report(folder: str | Path) -> str:
+    """The HTML page of a folder. Raises UsageError when the folder is missing or holds nothing to show."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder")
+    sections = [_bench_section(path, run) for path, run in _bench_runs(folder)]
+    results = folder / RESULTS_FILE_NAME
+    if results.is_file():
+        sections.append(_gallery(folder, list(latest_records(results).values())))
+    if not sections:
+        raise UsageError(f"{folder}: nothing to report (no {RESULTS_FILE_NAME}, no `xattn bench quality --json` file)")
+    title = f"xattn report: {folder.resolve().name}"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_escape(title)}</title>'
+            f'<link rel="icon" href="data:,"><style>{STYLE}</style></head>\n<body><h1>{_escape(title)}</h1>\n'
+            + "\n".join(sections) + f"\n<script>{SORT_SCRIPT}</script></body></html>\n")
+
+
+# --- benchmark runs ---------------------------------------------------------------------------------
+def _bench_runs(folder: Path) -> Iterator[tuple[Path, dict]]:
+    for path in sorted(folder.glob("*.json")):
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(run, dict) and run.get("benchmark") == "quality":
+            yield path, run
+
+
+def _bench_section(path: Path, run: dict) -> str:
+    from xattn_cli.render.plots import quality_figure
+
+    columns = [("model", "text"), ("method", "text"), ("targets", "number")]
+    columns += [(label, "number") for label in METRIC_LABELS.values()]
+    rows = []
+    for row in run["rows"]:
+        cells = [_cell(row["model"]), _cell(row["method"]), _number(row["targets"], str(row["targets"]))]
+        for metric in METRIC_LABELS:
+            interval = row[metric]
+            cells.append(_number(interval["mean"], f"{interval['mean']:.3f} <small>[{interval['low']:.3f}, "
+                                                   f"{interval['high']:.3f}]</small>"))
+        rows.append(cells)
+    meta = (f"data: {run['data']}; {run['scenes']} scenes; perturbation steps {run['steps']}; "
+            f"{run['resamples']} bootstrap resamples ({run['confidence']:.0%} intervals); {run['elapsed_s']} s")
+    parts = [f"<section><h2>Faithfulness benchmark: {_escape(path.name)}</h2>", f'<p class="meta">{_escape(meta)}</p>',
+             _table(columns, rows)]
+    if run.get("sanity"):
+        sanity = run["sanity"]
+        parts.append(f"<h3>Sanity: maps after randomising the top 1, 2, … vision blocks</h3><p class=\"meta\">Spearman ρ"
+                     f" with the trained model's maps on {sanity['scenes']} scenes; flagged when ρ ≥ "
+                     f"{sanity['flag_at']} with every block random.</p>")
+        sanity_rows = [[_cell(row["model"]), _cell(row["method"]),
+                        _number(row["spearman"][-1], ", ".join(f"{value:.2f}" for value in row["spearman"])),
+                        _cell("FLAGGED" if row["flagged"] else "ok", "error" if row["flagged"] else "")]
+                       for row in sanity["rows"]]
+        parts.append(_table([("model", "text"), ("method", "text"), ("ρ by blocks randomised", "number"),
+                             ("flag", "text")], sanity_rows))
+    parts.append(f'<img class="plot" alt="metrics of {_escape(path.name)}" src="{_png_uri(quality_figure(run))}">')
+    return "\n".join(parts) + "</section>"
+
+
+# --- results gallery --------------------------------------------------------------------------------
+def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
+    thumbnails: dict[Path, str] = {}
+
+    def picture(path: Path | None, alt: str) -> str:
+        if path is None:
+            return _cell(f"<small>{_escape(alt)} not found</small>", raw=True)
+        if path not in thumbnails:
+            thumbnails[path] = _thumbnail(path)
+        return _cell(f'<img class="thumb" alt="{_escape(alt)}" src="{thumbnails[path]}">' if thumbnails[path]
+                     else f"<small>{_escape(alt)} unreadable</small>", raw=True)
+
+    columns = [("image", "text"), ("picture", ""), ("model · method", "text"), ("target", "text"),
+               ("score", "number"), ("overlay", ""), ("tokens", ""), ("details", "text")]
+    rows, failed = [], 0
+    for record in records:
+        name = str(record["image"])
+        source = picture(_find(folder, name), "image")
+        model = _cell(f"{record.get('model', '')} · {record.get('method', '')}")
+        if record.get("status") != "ok":
+            failed += 1
+            error = record.get("error") or {}
+            rows.append([_cell(name), source, model, _cell(""), _number(None, ""), _cell(""), _cell(""),
+                         _cell(f"error: {error.get('type', '')}: {error.get('message', '')}", "error")])
+            continue
+        for target in record.get("targets") or []:
+            overlay = artifact_in(folder, target["overlay"]) if target.get("overlay") else None
+            details = "; ".join(f"{key}: {value}" for key, value in target.items()
+                                if key not in TARGET_KEYS and not isinstance(value, (list, dict)))
+            rows.append([_cell(name), source, model, _cell(str(target["target"])),
+                         _number(target["score"], f"{target['score']:.4f}"),
+                         picture(overlay if overlay and overlay.is_file() else None, "overlay"),
+                         _cell(_tokens(target.get("tokens") or []), raw=True), _cell(details)])
+    summary = f"{len(records)} images, {failed} failed; click a column header to sort"
+    return (f"<section><h2>Results: {_escape(folder.name)}</h2><p class=\"meta\">{_escape(summary)}</p>"
+            + _table(columns, rows) + "</section>")
+
+
+def _find(folder: Path, recorded: str) -> Path | None:
+    """The image a record names: as recorded (relative to the run's working directory), else inside the folder."""
+    for candidate in (Path(recorded), folder / recorded):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _tokens(tokens: list[dict[str, Any]]) -> str:
+    """Text tokens shaded by relevance (the largest fully)."""
+    top = max((float(t["relevance"]) for t in tokens), default=0.0)
+    spans = []
+    for token in tokens:
+        strength = float(token["relevance"]) / top if top > 0 else 0.0
+        spans.append(f'<span class="token" title="{float(token["relevance"]):.4f}" '
+                     f'style="background: rgba(230, 80, 40, {strength:.2f})">{_escape(str(token["token"]))}</span>')
+    return "".join(spans)
+
+
+# --- HTML pieces ----------------------------------------------------------------------------------
+def _escape(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _cell(content: str, css: str = "", raw: bool = False) -> str:
+    body = content if raw else _escape(content)
+    return f'<td class="{css}">{body}</td>' if css else f"<td>{body}</td>"
+
+
+def _number(value: float | int | None, shown: str) -> str:
+    """A numeric cell: `shown` (HTML) on the page, `value` for sorting."""
+    sort_value = "" if value is None else repr(float(value))
+    return f'<td class="number" data-value="{sort_value}">{shown}</td>'
+
+
+def _table(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """`columns`: (label, "text" | "number" | "" for not sortable); `rows`: rendered cells."""
+    head = "".join(f'<th data-type="{kind}">{_escape(label)}</th>' if kind else f"<th>{_escape(label)}</th>"
+                   for label, kind in columns)
+    body = "\n".join(f"<tr>{''.join(cells)}</tr>" for cells in rows)
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table>'
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _thumbnail(path: Path) -> str:
+    """A PNG data URI of the image, its longest side at most THUMBNAIL pixels; '' when it cannot be read."""
+    try:
+        image = load_image(path)
+    except ItemError:
+        return ""
+    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return _png_uri(buffer.getvalue())
