@@ -83,8 +83,11 @@ class OracleTask(Task):
     def maps(self, method, image, targets):
         return [self.truth[id(image)][target].astype(np.float32) for target in targets]
 
-    def scorer(self, image, target):
-        weights = pool_to_tokens(self.truth[id(image)][target].astype(np.float32), self.grid)  # (N,)
+    def scorers(self, image, targets):
+        return [self.kept_share(pool_to_tokens(self.truth[id(image)][t].astype(np.float32), self.grid)) for t in targets]
+
+    @staticmethod
+    def kept_share(weights):  # (N,) share of the target in each patch
         return lambda keep: (keep.float() * weights).sum(dim=1) / weights.sum()  # (S,)
 
 

@@ -128,17 +128,20 @@ class Task:
     def index(self, target: str) -> int:
         raise NotImplementedError
 
-    def scorer(self, image: Image.Image, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """(S, N) keep masks → (S,) probability of `target` with the other tokens' patches blacked out."""
+    def scorers(self, image: Image.Image, targets: list[str]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per target: (S, N) keep masks → (S,) its probability with the removed tokens' patches blacked out."""
         pixels = self.adapter.preprocess([image], self.adapter.native_size)[0]  # (3, H, W)
-        column, fill = self.index(target), self.fill.to(pixels.device)
+        fill = self.fill.to(pixels.device)
 
-        @torch.inference_mode()
-        def score(keep: torch.Tensor) -> torch.Tensor:
-            perturbed = remove_tokens(pixels, keep.to(pixels.device), self.grid, fill)  # (S, 3, H, W)
-            return self.probabilities(perturbed)[:, column].float().cpu()  # (S,)
+        def scorer(column: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            @torch.inference_mode()
+            def score(keep: torch.Tensor) -> torch.Tensor:
+                perturbed = remove_tokens(pixels, keep.to(pixels.device), self.grid, fill)  # (S, 3, H, W)
+                return self.probabilities(perturbed)[:, column].float().cpu()  # (S,)
 
-        return score
+            return score
+
+        return [scorer(self.index(target)) for target in targets]
 
 
 class ClipTask(Task):
@@ -250,7 +253,7 @@ def evaluate(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[str, di
         if not targets:
             continue
         names = [name for name, _ in targets]
-        scorers = [task.scorer(scene.image, name) for name in names]
+        scorers = task.scorers(scene.image, names)
         for method in methods:
             for (_, mask), score, heatmap in zip(targets, scorers, method_maps(task, method, scene, names, index)):
                 for metric, value in target_metrics(heatmap, mask, task.grid, score).items():
