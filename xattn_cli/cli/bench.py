@@ -32,7 +32,7 @@ def quality(
     sanity_scenes: Annotated[int, typer.Option("--sanity-scenes", min=1, help="Scenes used by --sanity.")] = DEFAULT_SANITY_SCENES,
     resamples: Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples for the 95% intervals.")] = 1000,
     device: opt.DeviceOpt = "auto",
-    quiet: opt.QuietOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
 ) -> None:
     """Faithfulness of each method's maps against ground-truth masks: pointing game, mIoU, energy in the mask,
     positive and negative perturbation AUC, with 95% bootstrap intervals; random and centre maps as floors."""

@@ -45,6 +45,7 @@ METRICS = tuple(METRIC_LABELS)
 CONFIDENCE = 0.95
 SANITY_FLAG = 0.5  # mean Spearman with every block random at or above this: the maps ignore the model
 RANDOM_MAP_SEED, SANITY_SEED = 7, 11
+PROGRESS_EVERY = 25  # scenes between progress lines
 
 Scenes = list[tuple[str, Scene]]  # (id, scene)
 
@@ -245,10 +246,12 @@ def target_metrics(heatmap: np.ndarray, mask: np.ndarray, grid: tuple[int, int],
             "auc_negative": perturbation_auc(relevance, score, False)}
 
 
-def evaluate(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[str, dict[str, list[float]]]:
-    """Per method, per metric: one value per target of every scene."""
+def evaluate(task: Task, scenes: Scenes, methods: Sequence[str],
+             progress: Callable[[int], None] = lambda index: None) -> dict[str, dict[str, list[float]]]:
+    """Per method, per metric: one value per target of every scene. `progress(i)` as scene i starts."""
     values = {method: {metric: [] for metric in METRICS} for method in methods}
     for index, (_, scene) in enumerate(scenes):
+        progress(index)
         targets = scene_targets(scene, task.target_of)
         if not targets:
             continue
@@ -354,26 +357,31 @@ def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Pa
 
     check_names(models, methods)
     started = time.perf_counter()
-    scenes = load_dataset(data) if data is not None else held_out_scenes(scenes, seed)
+    scene_list = load_dataset(data) if data is not None else held_out_scenes(scenes, seed)
     rows, sanity = [], []
     for name in models:
-        task = task_for(load_model(name, device=device), scenes)
+        task = task_for(load_model(name, device=device), scene_list)
         chosen = [method for method in methods if method in task.methods or method in BASELINES]
         skipped = [method for method in methods if method not in chosen]
         if skipped:
             log(f"{name}: skipped {', '.join(skipped)} (not available for this model)")
         model_started = time.perf_counter()
-        values = evaluate(task, scenes, chosen)
+
+        def progress(index: int) -> None:
+            if index % PROGRESS_EVERY == 0:
+                log(f"{name}: scene {index + 1}/{len(scene_list)}")
+
+        values = evaluate(task, scene_list, chosen, progress)
         rows += [{"model": name, "method": method, **summarise(values[method], resamples)} for method in chosen]
-        log(f"{name}: {len(chosen)} methods on {len(scenes)} scenes in {time.perf_counter() - model_started:.0f} s")
+        log(f"{name}: {len(chosen)} methods on {len(scene_list)} scenes in {time.perf_counter() - model_started:.0f} s")
         if sanity_scenes:
-            curves = sanity_cascade(task, scenes[:sanity_scenes], chosen)
+            curves = sanity_cascade(task, scene_list[:sanity_scenes], chosen)
             sanity += [{"model": name, "method": method, "spearman": curve, "flagged": curve[-1] >= SANITY_FLAG}
                        for method, curve in curves.items()]
     source = str(data) if data is not None else f"held-out shapes world, seed {seed}"
-    return {"benchmark": "quality", "xattn": __version__, "data": source, "scenes": len(scenes),
+    return {"benchmark": "quality", "xattn": __version__, "data": source, "scenes": len(scene_list),
             "steps": list(PERTURBATION_STEPS), "resamples": resamples, "confidence": CONFIDENCE,
-            "rows": rows, "sanity": {"scenes": min(sanity_scenes, len(scenes)), "flag_at": SANITY_FLAG,
+            "rows": rows, "sanity": {"scenes": min(sanity_scenes, len(scene_list)), "flag_at": SANITY_FLAG,
                                      "rows": sanity} if sanity_scenes else None,
             "elapsed_s": round(time.perf_counter() - started, 1)}
 
