@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from test_relevancy_reference import _perturb
+
 WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] what colour is the star circle square red blue green ? shape there a".split()
 QUESTIONS = ["what colour is the star ?", "is there a red circle ?", "what shape ?"]
 ANSWERS = ["red", "green", "blue", "yes", "no", "star"]
@@ -36,14 +38,6 @@ ATOL_MAP = 1e-5  # float32 explainer maps/tokens vs float64 reference
 # ------------------------------------------------------------------------------------------------
 # tiny models and inputs
 # ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def _lxmert_model(seed: int = 0):
         r_layers=1, visual_feat_dim=3 * CELL * CELL, visual_pos_dim=4, num_qa_labels=len(ANSWERS),
         max_position_embeddings=32, id2label=dict(enumerate(ANSWERS)))
     torch.manual_seed(seed)
-    return _perturb(transformers.LxmertForQuestionAnswering(config), seed + 100)
+    return _perturb(transformers.LxmertForQuestionAnswering(config), seed + 100, scale=0.1)
 
 
 def _visualbert_model(seed: int = 1):
@@ -74,7 +68,7 @@ def _visualbert_model(seed: int = 1):
         visual_embedding_dim=3 * CELL * CELL, num_labels=len(ANSWERS), max_position_embeddings=32,
         id2label=dict(enumerate(ANSWERS)))
     torch.manual_seed(seed)
-    return _perturb(transformers.VisualBertForQuestionAnswering(config), seed + 100)
+    return _perturb(transformers.VisualBertForQuestionAnswering(config), seed + 100, scale=0.1)
 
 
 def _detr_model(seed: int = 2):
@@ -167,6 +161,13 @@ def _mm_rules(r_ss, r_qq, r_qs, cam_sq):
     return r_sq_addition, r_ss_addition
 
 
+def _self_rules_literal(r_ss, r_sq, cam, grad):
+    """Rules 6+7 (`apply_self_attention_rules`): both additions from the old matrices, then added."""
+    a = _avg_heads(cam, grad)
+    r_ss_addition, r_sq_addition = a @ r_ss, a @ r_sq
+    return r_ss + r_ss_addition, r_sq + r_sq_addition
+
+
 def _bimodal_literal(language, relation, cross, text_tokens, image_tokens):
     """LXMERT `generate_ours` (use_lrp=False, normalisation on, rule 10 with self) for one sample.
 
@@ -178,40 +179,22 @@ def _bimodal_literal(language, relation, cross, text_tokens, image_tokens):
     r_ti = torch.zeros(text_tokens, image_tokens, dtype=torch.float64)
     r_it = torch.zeros(image_tokens, text_tokens, dtype=torch.float64)
     for cam, grad in language:
-        a = _avg_heads(cam, grad)
-        r_tt_add, r_ti_add = a @ r_tt, a @ r_ti
-        r_tt += r_tt_add
-        r_ti += r_ti_add
+        r_tt, r_ti = _self_rules_literal(r_tt, r_ti, cam, grad)
     for cam, grad in relation:
-        a = _avg_heads(cam, grad)
-        r_ii_add, r_it_add = a @ r_ii, a @ r_it
-        r_ii += r_ii_add
-        r_it += r_it_add
+        r_ii, r_it = _self_rules_literal(r_ii, r_it, cam, grad)
     for i, layer in enumerate(cross):
         if i == len(cross) - 1:
             break
         r_ti_addition, r_tt_addition = _mm_rules(r_tt, r_ii, r_it, _avg_heads(*layer["t2v"]))
         r_it_addition, r_ii_addition = _mm_rules(r_ii, r_tt, r_ti, _avg_heads(*layer["v2t"]))
-        r_ti += r_ti_addition
-        r_tt += r_tt_addition
-        r_it += r_it_addition
-        r_ii += r_ii_addition
-        a = _avg_heads(*layer["lang"])
-        r_tt_add, r_ti_add = a @ r_tt, a @ r_ti
-        r_tt += r_tt_add
-        r_ti += r_ti_add
-        a = _avg_heads(*layer["visn"])
-        r_ii_add, r_it_add = a @ r_ii, a @ r_it
-        r_ii += r_ii_add
-        r_it += r_it_add
-    last = cross[-1]
-    r_ti_addition, r_tt_addition = _mm_rules(r_tt, r_ii, r_it, _avg_heads(*last["t2v"]))
-    r_ti += r_ti_addition
-    r_tt += r_tt_addition
-    a = _avg_heads(*last["lang"])
-    r_tt_add, r_ti_add = a @ r_tt, a @ r_ti
-    r_tt += r_tt_add
-    r_ti += r_ti_add
+        r_ti, r_tt = r_ti + r_ti_addition, r_tt + r_tt_addition
+        r_it, r_ii = r_it + r_it_addition, r_ii + r_ii_addition
+        r_tt, r_ti = _self_rules_literal(r_tt, r_ti, *layer["lang"])
+        r_ii, r_it = _self_rules_literal(r_ii, r_it, *layer["visn"])
+    # the last cross-modality layer: text side only (nothing else reaches [CLS])
+    r_ti_addition, r_tt_addition = _mm_rules(r_tt, r_ii, r_it, _avg_heads(*cross[-1]["t2v"]))
+    r_ti, r_tt = r_ti + r_ti_addition, r_tt + r_tt_addition
+    r_tt, r_ti = _self_rules_literal(r_tt, r_ti, *cross[-1]["lang"])
     r_tt[0, 0] = 0
     return r_tt, r_ti
 
@@ -238,10 +221,7 @@ def _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query: int):
     for cam, grad in encoder:
         r_ii += _avg_heads(cam, grad) @ r_ii
     for (self_cam, self_grad), (cross_cam, cross_grad) in zip(decoder_self, decoder_cross):
-        a = _avg_heads(self_cam, self_grad)
-        r_qq_add, r_qi_add = a @ r_qq, a @ r_qi
-        r_qq += r_qq_add
-        r_qi += r_qi_add
+        r_qq, r_qi = _self_rules_literal(r_qq, r_qi, self_cam, self_grad)
         cam = _avg_heads(cross_cam, cross_grad)
         had_nan |= bool(torch.isnan(_handle_residual_official(r_qq).t() @ cam @ _handle_residual_official(r_ii)).any())
         addition = _handle_residual_guarded(r_qq).t() @ cam @ _handle_residual_guarded(r_ii)

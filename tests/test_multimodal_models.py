@@ -10,18 +10,10 @@ import pytest
 import torch
 
 from test_coattention_reference import (DETR_SIZE, GRID, CELL, QUESTIONS, WORDS, _CoAttentionVqa, _adapter,
-                                        _detr_model, _images, _perturb, _regions)
+                                        _detr_model, _images, _perturb, _regions, tokenizer)  # noqa: F401 (fixture)
+from test_relevancy_reference import _global_hook_counts
 
 FAMILIES = [("lxmert", None), ("visualbert", None), ("detr", None), ("detr", "eager"), ("coattention", None)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    import transformers
-
-    folder = tmp_path_factory.mktemp("vocab")
-    (folder / "vocab.txt").write_text("\n".join(WORDS))
-    return transformers.BertTokenizer(str(folder / "vocab.txt"))
 
 
 class _CoAttentionAdapter:
@@ -66,14 +58,6 @@ def _explain(family, adapter, images):
     if family == "detr":
         return DetectionRelevancy(adapter, threshold=0.25).explain(images)
     return VqaRelevancy(adapter, QUESTIONS[:2]).explain(images)
-
-
-def _global_hook_counts():
-    from torch.nn.modules import module as m
-
-    names = ["_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-             "_global_backward_pre_hooks"]
-    return {n: len(getattr(m, n)) for n in names if hasattr(m, n)}
 
 
 def _implementations(model):
