@@ -290,13 +290,13 @@ def _lxmert_reference(model, tokenizer, question: str, image: Image.Image, answe
     return r_tt[0], r_ti[0], answer
 
 
-def _visualbert_reference(model, tokenizer, question: str, image: Image.Image):
+def _visualbert_reference(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
     model = copy.deepcopy(model).double()
     tokens = tokenizer([question], return_tensors="pt")
     regions = _regions([image])
     output = model(**tokens, visual_embeds=regions.features.double(), visual_attention_mask=regions.mask.double(),
                    output_attentions=True)
-    answer = int(output.logits[0].argmax())
+    answer = int(output.logits[0].argmax()) if answer is None else answer
     grads = torch.autograd.grad(output.logits[0, answer], output.attentions)
     pooled = int(tokens["attention_mask"].sum()) - 2  # MMF's pooler_strategy "vqa"
     row = _single_stream_literal([(a[0].detach(), g[0]) for a, g in zip(output.attentions, grads)], pooled)
@@ -334,7 +334,7 @@ def _detr_reference(model, image: Image.Image, query: int):
 # ------------------------------------------------------------------------------------------------
 
 
-def _package_rows(adapter, tokenizer, questions, images):
+def _package_rows(adapter, tokenizer, questions, images, answer: str | None = None):
     """The package's relevance rows on a float64 copy: logits, answers, text rows, region rows."""
     from xattn_cli.explainers.multimodal import VqaRelevancy
 
@@ -343,7 +343,7 @@ def _package_rows(adapter, tokenizer, questions, images):
     batch = adapter64.tokenize(questions)
     regions = _regions(images)
     regions.features, regions.boxes, regions.mask = regions.features.double(), regions.boxes.double(), regions.mask.double()
-    return batch, VqaRelevancy(adapter64, questions[:1]).relevance(batch, regions)
+    return batch, VqaRelevancy(adapter64, questions[:1], answer=answer).relevance(batch, regions)
 
 
 @pytest.mark.parametrize("family", ["lxmert", "visualbert"])
@@ -361,6 +361,21 @@ def test_vqa_relevance_equals_literal_reference(tokenizer, family, count):
         torch.testing.assert_close(text_rows[i, :length], ref_text, **TIGHT)
         torch.testing.assert_close(region_rows[i], ref_regions, **TIGHT)
         assert torch.all(text_rows[i, length:] == 0), "padding must stay inert"
+
+
+@pytest.mark.parametrize("family", ["lxmert", "visualbert"])
+def test_vqa_relevance_of_a_chosen_answer(tokenizer, family):
+    """`answer=` explains that answer for every sample, whatever the model predicts."""
+    adapter = _adapter(family, tokenizer)
+    images, questions = _images(), QUESTIONS
+    batch, (logits, answers, text_rows, region_rows) = _package_rows(adapter, tokenizer, questions, images, "star")
+    assert answers == [ANSWERS.index("star")] * 3 and any(int(row.argmax()) != answers[0] for row in logits)
+    reference = _lxmert_reference if family == "lxmert" else _visualbert_reference
+    for i, (question, image) in enumerate(zip(questions, images)):
+        ref_text, ref_regions, _ = reference(adapter.model, tokenizer, question, image, answer=answers[0])
+        length = int(batch["attention_mask"][i].sum())
+        torch.testing.assert_close(text_rows[i, :length], ref_text, **TIGHT)
+        torch.testing.assert_close(region_rows[i], ref_regions, **TIGHT)
 
 
 @pytest.mark.parametrize("family", ["lxmert", "visualbert"])

@@ -39,7 +39,7 @@ class VqaRelevancy:
     the joint stream (§2.3), read from the token its VQA head pools.
     """
 
-    def __init__(self, adapter, questions: Sequence[str], *, answers: Sequence[str] = (),
+    def __init__(self, adapter, questions: Sequence[str], *, answer: str | None = None,
                  regions: RegionSource | None = None):
         questions = [q.strip() for q in questions]
         if not questions or not all(questions):
@@ -47,7 +47,7 @@ class VqaRelevancy:
         if adapter.family not in ("lxmert", "visualbert"):
             raise UsageError(f"{adapter.name} ({adapter.family}) is not a region-feature VQA model")
         self.adapter, self.questions, self.model_name = adapter, questions, adapter.name
-        self.fixed_answers = [adapter.target_index(a) for a in answers]
+        self.fixed_answer = None if answer is None else adapter.target_index(answer)  # else each prediction
         self.regions = regions or adapter.regions
         if self.regions is None:
             raise UsageError(f"{adapter.name} needs region features: give --features FILE.npz")
@@ -64,8 +64,8 @@ class VqaRelevancy:
         with input_gradients_only(adapter.model), AttentionRecorder(adapter.attention_sites()) as recording:
             logits = adapter.answer_logits(batch, visual)  # (B, answers)
             _check_finite(logits)
-            chosen = self.fixed_answers or [int(row.argmax()) for row in logits.detach()]
-            chosen = chosen * len(logits) if len(chosen) == 1 else chosen
+            chosen = ([self.fixed_answer] * len(logits) if self.fixed_answer is not None
+                      else [int(row.argmax()) for row in logits.detach()])
             backward(sum(logits[i, a] for i, a in enumerate(chosen)), retain=False)
         if adapter.family == "lxmert":
             r_tt, r_ti = bimodal_relevance(recording.select("self", "text"), recording.select("self", "vision"),

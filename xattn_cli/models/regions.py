@@ -61,7 +61,7 @@ class GridRegions:
         cells = pixels.view(batch, rows, self.cell, cols, self.cell, 3).permute(0, 1, 3, 2, 4, 5)  # (B, r, c, ch, cw, 3)
         features = cells.reshape(batch, rows * cols, self.dim)  # (B, R, D)
         y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-        boxes = torch.stack([x / cols, y / rows, (x + 1) / cols, (y + 1) / rows], dim=-1).reshape(1, -1, 4).float()
+        boxes = torch.stack([x / cols, y / rows, (x + 1) / cols, (y + 1) / rows], dim=-1).reshape(1, -1, 4).float()  # (1, R, 4)
         return Regions(features, boxes.expand(batch, -1, -1).clone(), torch.ones(batch, rows * cols), self.grid)
 
 
