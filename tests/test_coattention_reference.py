@@ -3,8 +3,8 @@
 
 Each reference is a slow, literal, per-sample transcription of the paper's rules as the official code
 applies them (hila-chefer/Transformer-MM-Explainability: lxmert `GeneratorOurs.generate_ours`, VisualBERT
-`SelfAttentionGenerator.generate_ours`, DETR `Generator.generate_ours`; `avg_heads`, `handle_residual`
-without any guard), written without calling the package's rule functions.
+`SelfAttentionGenerator.generate_ours`, DETR `Generator.generate_ours`; `avg_heads`, `handle_residual`),
+written without calling the package's rule functions.
 
 Attention probabilities and their gradients are captured WITHOUT the package's recorder:
   * LXMERT: each `LxmertAttention.forward` of a float64 copy is replaced by a literal one that keeps its
@@ -12,6 +12,9 @@ Attention probabilities and their gradients are captured WITHOUT the package's r
   * VisualBERT, DETR: `output_attentions=True` on an eager float64 copy, gradients by autograd.grad;
   * CrossAttention: the probabilities the module itself returns.
 The reference runs each sample alone, unpadded; the package runs batches (padded questions) and must match.
+Where the official eqs. 8+9 divide 0 by 0 (a row of R − I never updated), the reference uses the guard the
+spec recommends (§1.5, §6) and says so; `test_rule_10_keeps_defined_rows_where_the_official_code_gives_nan`
+pins down that deviation.
 """
 from __future__ import annotations
 
@@ -656,9 +659,9 @@ def test_cross_attention_model_explained_by_coattention_rules(tokenizer, count):
 
 
 def test_rule_10_keeps_defined_rows_where_the_official_code_gives_nan():
-    """A query row never updated: the official R̄ has NaN there and DETR zeroes the whole rule-10 addition;
-    the package leaves that row at the identity, and equals the official result on the other rows
-    when the other query is computed alone."""
+    """Query rows never updated: the official R̄ is NaN there, NaN spreads through R̄ᵀ to the whole rule-10
+    addition and DETR's NaN → 0 then drops it all. The package (a documented deviation, as the reference
+    recommends) leaves those rows of R̄ at the identity and keeps the addition."""
     from xattn_cli.methods.coattention import cross_attention_additions
 
     g = torch.Generator().manual_seed(3)
