@@ -172,3 +172,19 @@ def test_malformed_annotations_are_one_line_and_exit_2(tmp_path, line, message):
     result = runner.invoke(app, ["bench", "quality", "--data", str(folder), "--models", "shapes-vit"])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_memoised_scores_each_distinct_keep_mask_once():
+    from xattn_cli.eval.quality import memoised
+
+    calls = []
+
+    def score(keep):
+        calls.append(keep.shape[0])
+        return keep.float().sum(dim=1)  # (S,)
+
+    cached = memoised(score)
+    first = torch.tensor([[True, True], [True, False], [True, True]])
+    assert cached(first).tolist() == [2.0, 1.0, 2.0]
+    assert cached(torch.tensor([[False, True], [True, False]])).tolist() == [1.0, 1.0]
+    assert calls == [2, 1]

@@ -140,9 +140,24 @@ class Task:
                 perturbed = remove_tokens(pixels, keep.to(pixels.device), self.grid, fill)  # (S, 3, H, W)
                 return self.probabilities(perturbed)[:, column].float().cpu()  # (S,)
 
-            return score
+            return memoised(score)
 
         return [scorer(self.index(target)) for target in targets]
+
+
+def memoised(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`score` that runs the model once per distinct keep mask: the first and last steps are the same for
+    every method and direction, and methods that rank tokens alike share all their rows."""
+    cache: dict[bytes, float] = {}
+
+    def cached(keep: torch.Tensor) -> torch.Tensor:
+        keys = [row.numpy().tobytes() for row in keep]  # keep: (S, N) bool on the CPU
+        new = {key: row for key, row in zip(keys, keep) if key not in cache}
+        if new:
+            cache.update(zip(new, score(torch.stack(list(new.values()))).tolist()))
+        return torch.tensor([cache[key] for key in keys])  # (S,)
+
+    return cached
 
 
 class ClipTask(Task):
