@@ -55,6 +55,18 @@ def test_dataset_folder_round_trip(tmp_path):
         assert all(np.array_equal(a.mask, b.mask) for a, b in zip(scene.objects, original.objects))
 
 
+def test_cli_reads_a_dataset_folder(tmp_path):
+    export_dataset(tmp_path / "data", 2, seed=4, size=48)
+    result = runner.invoke(app, ["bench", "quality", "--data", str(tmp_path / "data"), "--models", "shapes-vit",
+                                 "--methods", "centre", "--resamples", "100", "--device", "cpu", "-q",
+                                 "--json", str(tmp_path / "q.json")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "q.json").read_text())
+    shapes = sum(len({o.shape for o in scene_at(4, i, size=48).objects}) for i in range(2))
+    assert saved["data"] == str(tmp_path / "data") and saved["scenes"] == 2
+    assert [(row["method"], row["targets"]) for row in saved["rows"]] == [("centre", shapes)]
+
+
 def test_baseline_maps():
     centre = centre_map((64, 48))
     assert centre.shape == (48, 64)

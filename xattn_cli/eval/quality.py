@@ -1,8 +1,8 @@
 """`xattn bench quality`: how faithful each method's maps are, against ground-truth masks.
 
 Data: a dataset folder (DESIGN §5) or a generated held-out set of shapes-world scenes (seed 40 000, which
-no training run or benchmark script uses): 2–4 objects, and in about half the scenes two objects share a
-colour or a shape, so that colour alone cannot win (DESIGN §7). A CLIP model explains each object's
+no training run or benchmark script uses): 2–4 objects, and in three quarters of the scenes two objects
+share a colour or a shape (half by construction, more by chance), so that colour alone cannot win (DESIGN §7). A CLIP model explains each object's
 caption ("a red star") among the scene's captions; a classifier explains each shape label present. A
 target's ground truth is the union of the masks of the objects it names.
 
@@ -52,7 +52,7 @@ Scenes = list[tuple[str, Scene]]  # (id, scene)
 
 # --- data ------------------------------------------------------------------------------------------
 def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> Scenes:
-    """Scenes 0..count−1 of the held-out stream: 2, 3, 4, 2, ... objects; shared colours or shapes in about half."""
+    """Scenes 0..count−1 of the held-out stream: 2, 3, 4, 2, ... objects, half forced to share a colour or a shape."""
     return [(f"{seed}-{index:06d}", scene_at(seed, index, size=SCENE_SIZE, n_objects=2 + index % 3))
             for index in range(count)]
 
@@ -257,8 +257,9 @@ def target_metrics(heatmap: np.ndarray, mask: np.ndarray, grid: tuple[int, int],
                    score: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     relevance = pool_to_tokens(heatmap, grid)  # (N,)
     return {"pointing": pointing(heatmap, mask), "miou": mean_threshold_miou(heatmap, mask),
-            "energy": energy_in_mask(heatmap, mask), "auc_positive": perturbation_auc(relevance, score, True),
-            "auc_negative": perturbation_auc(relevance, score, False)}
+            "energy": energy_in_mask(heatmap, mask),
+            "auc_positive": perturbation_auc(relevance, score, most_relevant_first=True),
+            "auc_negative": perturbation_auc(relevance, score, most_relevant_first=False)}
 
 
 def evaluate(task: Task, scenes: Scenes, methods: Sequence[str],
