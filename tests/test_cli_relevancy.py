@@ -85,3 +85,11 @@ def test_hf_vit_folder_and_timm_name(image, tmp_path):
     result = invoke(image, tmp_path, "--model", "timm:vit_tiny_patch16_224", "--method", "rollout")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"] == "timm:vit_tiny_patch16_224"
+
+
+def test_precision_reaches_the_record_and_fp16_needs_cuda(image, tmp_path):
+    result = invoke(image, tmp_path, "--precision", "bf16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["meta"]["precision"] == "bf16"
+    result = invoke(image, tmp_path, "--precision", "fp16", "--device", "cpu")
+    assert result.exit_code == 2 and "fp16 needs CUDA" in result.output

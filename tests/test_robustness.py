@@ -239,7 +239,7 @@ def test_sigkill_then_resume_gives_exactly_one_ok_record_per_image(sixty_scenes,
     process = _start_batch(folder, out)
     _wait_for_records(out, 10, process)
     process.kill()
-    process.communicate()
+    process.communicate(timeout=60)  # hangs if a decoding worker outlives the run and holds its stdout
     before = [r["image"] for r in records(out)]
     assert 10 <= len(before) < 60
     resumed = _start_batch(folder, out, "--resume")

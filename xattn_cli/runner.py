@@ -1,4 +1,4 @@
-"""The batch loop shared by every map command: decode, explain, write, record.
+"""The batch loop shared by every map command: decode (in workers), explain, write, record.
 
 Each image ends as exactly one record in `results.jsonl`, written after its files are in place;
 a bad image becomes an error record and the batch goes on.
@@ -13,8 +13,9 @@ from typing import Any, Callable, Iterator, Sequence
 from PIL import Image
 
 from xattn_cli.explainers.base import Explainer
-from xattn_cli.io.images import DEFAULT_MAX_PIXELS, ItemError, load_image
+from xattn_cli.io.images import DEFAULT_MAX_PIXELS, ItemError
 from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_png
+from xattn_cli.io.stream import decoded_images, default_workers
 from xattn_cli.render.overlay import overlay_heatmap
 from xattn_cli.results import TargetMap
 
@@ -47,9 +48,9 @@ class BatchRunner:
     """Drives an explainer over image paths, writing overlays, maps and the manifest in `out_dir`."""
 
     def __init__(self, explainer: Explainer, out_dir: str | Path, *, device: str, save_maps: bool = False,
-                 batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None):
         self.explainer, self.out_dir, self.save_maps = explainer, Path(out_dir), save_maps
-        self.batch_size, self.max_pixels = max(1, batch_size), max_pixels
+        self.batch_size, self.max_pixels, self.workers = max(1, batch_size), max_pixels, workers
         self.meta = run_meta(explainer, device)
 
     def run(self, paths: Sequence[str], resume: bool = False,
@@ -68,13 +69,13 @@ class BatchRunner:
         return summary
 
     def _records(self, paths: Sequence[str], namer: OutputNamer) -> Iterator[dict[str, Any]]:
+        workers = default_workers(len(paths), self.batch_size) if self.workers is None else self.workers
         batch: list[tuple[str, Image.Image, float]] = []
-        for path in paths:
-            started = time.perf_counter()
-            try:
-                batch.append((path, load_image(path, self.max_pixels), started))
-            except ItemError as error:
+        for path, image, error in decoded_images(paths, self.max_pixels, workers, lookahead=2 * self.batch_size):
+            if error is not None:
                 yield error_record(path, self.explainer, error)
+                continue
+            batch.append((path, image, time.perf_counter()))
             if len(batch) == self.batch_size:
                 yield from self._explain(batch, namer)
                 batch = []

@@ -31,5 +31,6 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16/bf16 autocast (fp16 needs CUDA).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip images whose ok record and files are already in --out.")]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="Image-decoding processes [default: 0 for short runs, else half the cores, at most 4].", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]
 TrustCheckpointOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle checkpoints that can run code (only for sources you trust).")]

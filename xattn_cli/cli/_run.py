@@ -27,7 +27,7 @@ def resolve_format(requested: OutputFormat | None) -> OutputFormat:
 
 def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *, out: Path, save_maps: bool,
                     output_format: OutputFormat | None, device: str, batch_size: int, resume: bool,
-                    max_pixels: int, quiet: bool) -> None:
+                    max_pixels: int, quiet: bool, workers: int | None = None) -> None:
     """Expand inputs, build the explainer (usage errors → exit 2), run, print, exit 0/1/130."""
     from xattn_cli.errors import UsageError
     from xattn_cli.io.inputs import expand_inputs
@@ -44,16 +44,17 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         device = resolve_device(device)
         explainer = build_explainer(device)
         runner = BatchRunner(explainer, out, device=device, save_maps=save_maps, batch_size=batch_size,
-                             max_pixels=max_pixels)
+                             max_pixels=max_pixels, workers=workers)
     except UsageError as error:
         raise fail(str(error)) from None
-    collected: list[dict[str, Any]] = []
+    collected: list[dict[str, Any]] = []  # only for json and table, which print at the end
 
     def emit(record: dict[str, Any]) -> None:
-        collected.append(record)
         if output_format is OutputFormat.jsonl:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
             sys.stdout.flush()
+        else:
+            collected.append(record)
 
     try:
         with _progress(len(paths), quiet) as advance:

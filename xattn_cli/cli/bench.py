@@ -64,3 +64,44 @@ def quality(
             atomic_write_bytes(plot, quality_figure(result))
     except OSError as error:
         raise fail(f"cannot write {error.filename}: {error.strerror or error}", EXIT_ITEMS_FAILED) from None
+
+
+@app.command("perf")
+def perf(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`), e.g. openclip:ViT-B-16.")] = "shapes-clip",
+    method: Annotated[str, typer.Option("--method", help="surgery, chefer, rollout, raw or attn-gradcam [default: surgery for CLIP models, else chefer].", show_default=False)] = "",
+    pretrained: opt.PretrainedOpt = None,
+    batch_size: opt.BatchSizeOpt = 16,
+    texts: Annotated[int, typer.Option("--texts", min=1, help="CLIP models: number of texts explained per image.")] = 20,
+    loop_items: Annotated[int, typer.Option("--loop-items", min=1, help="Images timed through the batch-1 fp32 loop (it is slow).")] = 2,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed batches per row, after a warm-up batch.")] = 1,
+    device: opt.DeviceOpt = "auto",
+    precision: opt.PrecisionOpt = opt.Precision.fp32,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+) -> None:
+    """Speed and peak memory of a method against the bare model and a batch-1 fp32 loop, in one run."""
+    from xattn_cli.cli._run import EXIT_ITEMS_FAILED, fail
+    from xattn_cli.errors import UsageError
+    from xattn_cli.eval.perf import format_perf, perf_texts, run_perf
+    from xattn_cli.explainers.base import autocast, resolve_device
+    from xattn_cli.io.outputs import atomic_write_bytes
+    from xattn_cli.models.registry import load_model
+
+    try:
+        device_name = resolve_device(device)
+        adapter = load_model(model, pretrained, device_name)
+        autocast(device_name, precision.value)
+        chosen = method or ("surgery" if getattr(adapter, "family", "") == "clip" else "chefer")
+        result = run_perf(adapter, method=chosen, batch_size=batch_size, texts=perf_texts(texts),
+                          precision=precision.value, loop_items=min(loop_items, batch_size), repeats=repeats,
+                          progress=lambda line: None if quiet else typer.echo(f"xattn: {line}", err=True))
+    except UsageError as error:
+        raise fail(str(error)) from None
+    typer.echo(format_perf(result))
+    if json_file:
+        try:
+            json_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(json_file, json.dumps(result, indent=2).encode())
+        except OSError as error:
+            raise fail(f"cannot write {json_file}: {error.strerror or error}", EXIT_ITEMS_FAILED) from None

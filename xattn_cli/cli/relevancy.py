@@ -38,8 +38,10 @@ def relevancy(
     output_format: opt.FormatOpt = None,
     device: opt.DeviceOpt = "auto",
     batch_size: opt.BatchSizeOpt = 8,
+    precision: opt.PrecisionOpt = opt.Precision.fp32,
     resume: opt.ResumeOpt = False,
     max_pixels: opt.MaxPixelsOpt = 64_000_000,
+    workers: opt.WorkersOpt = None,
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Relevancy maps: which image regions (and text tokens) drive the model's output."""
@@ -50,7 +52,8 @@ def relevancy(
 
         adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
         return build_relevancy(adapter, method=method.value, texts=text or [], targets=target or [],
-                               start_layer=start_layer)
+                               start_layer=start_layer, precision=precision.value)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
-                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet)
+                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,
+                    workers=workers)

@@ -34,6 +34,7 @@ def surgery(
     precision: opt.PrecisionOpt = opt.Precision.fp32,
     resume: opt.ResumeOpt = False,
     max_pixels: opt.MaxPixelsOpt = 64_000_000,
+    workers: opt.WorkersOpt = None,
     quiet: opt.QuietOpt = False,
 ) -> None:
     """CLIP Surgery: where in each image is each text? Writes overlays and prints scores."""
@@ -47,4 +48,5 @@ def surgery(
                                 points=points, precision=precision.value, text_cache=text_cache)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
-                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet)
+                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,
+                    workers=workers)

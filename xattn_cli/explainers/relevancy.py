@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -10,11 +11,25 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xattn_cli.capture import AttentionRecorder
+from xattn_cli.explainers.base import autocast
 from xattn_cli.errors import UsageError
 from xattn_cli.io.images import ItemError
 from xattn_cli.methods.relevancy import METHODS, NEEDS_GRADIENTS, token_relevance
 from xattn_cli.methods.surgery import min_max
 from xattn_cli.results import TargetMap
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter collects a gradient for the duration; flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -28,19 +43,59 @@ def input_gradients_only(model: torch.nn.Module, needed: bool = True) -> Iterato
         with torch.no_grad():
             yield
         return
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
                for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     try:
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        with torch.enable_grad():
+        with frozen_parameters(model), torch.enable_grad():
             yield
     finally:
         for handle in handles:
             handle.remove()
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+
+
+def _start_graph_here(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: the module's hidden-state input becomes a fresh leaf that requires grad."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_tensor(hidden):
+        return None
+    start = hidden.detach().requires_grad_(True)
+    swap = lambda value: start if value is hidden else value  # noqa: E731  (q, k and v may be one tensor)
+    return tuple(swap(value) for value in args), {key: swap(value) for key, value in kwargs.items()}
+
+
+@contextlib.contextmanager
+def gradients_from(model: torch.nn.Module, starts: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """The autograd graph begins at the input of each module in `starts` (per stream, the first attention
+    block whose gradient a method uses), so each backward pass stops there instead of running down to the
+    pixels: the gradients of that block's and every later attention map are unchanged. Parameters are frozen.
+    """
+    handles = [module.register_forward_pre_hook(_start_graph_here, with_kwargs=True) for module in starts]
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_gradient_sites(sites: Sequence, method: str, start_layers: dict[str, int]) -> list[torch.nn.Module]:
+    """Per stream, the module of the first layer whose gradient `method` reads (attn-gradcam: the last)."""
+    modules = []
+    for stream, start_layer in start_layers.items():
+        layers = sorted((site.layer, index) for index, site in enumerate(sites) if site.stream == stream)
+        first = layers[-1][0] if method == "attn-gradcam" and layers else start_layer
+        chosen = [index for layer, index in layers if layer >= first]
+        if chosen:
+            modules.append(sites[chosen[0]].module)
+    return modules
+
+
+def method_gradients(method: str, model: torch.nn.Module, sites: Sequence,
+                     start_layers: dict[str, int]) -> contextlib.AbstractContextManager:
+    """no_grad for gradient-free methods; else a graph from the first block the method reads."""
+    if not NEEDS_GRADIENTS[method]:
+        return torch.no_grad()
+    return gradients_from(model, first_gradient_sites(sites, method, start_layers))
 
 
 def relevance_map(patch_relevance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, bool]:
@@ -49,6 +104,25 @@ def relevance_map(patch_relevance: torch.Tensor, grid: tuple[int, int], size: tu
     upsampled = F.interpolate(image, size=size, mode="bilinear", align_corners=False).reshape(-1)  # (H·W,)
     scaled, degenerate = min_max(torch.nan_to_num(upsampled, nan=0.0), dim=0)
     return scaled.reshape(size).detach().cpu().numpy().astype(np.float32), bool(degenerate)
+
+
+def stream_relevance(method: str, events: Sequence, start_layer: int) -> torch.Tensor:
+    """`token_relevance` in float32, whatever precision the forward pass recorded in. (B, N, N).
+
+    Layers below the first one a gradient method reads have no gradient (`gradients_from`) and are left out.
+    """
+    if NEEDS_GRADIENTS[method]:
+        first = max(event.layer for event in events) if method == "attn-gradcam" else start_layer
+        events = [event for event in events if event.layer >= first]
+    in_float32 = [dataclasses.replace(event, probs=event.probs.float(),
+                                      grad=None if event.grad is None else event.grad.float()) for event in events]
+    return token_relevance(method, in_float32, start_layer)
+
+
+def check_start_layer(start_layer: int, sites: Sequence, stream: str) -> None:
+    depth = 1 + max(site.layer for site in sites if site.stream == stream)
+    if not 0 <= start_layer < depth:
+        raise UsageError(f"--start-layer must be in 0..{depth - 1} for the {stream} tower, got {start_layer}")
 
 
 def check_method(method: str) -> None:
@@ -64,15 +138,18 @@ def backward(score: torch.Tensor, retain: bool) -> None:
 class ClassifierRelevancy:
     """Maps of a ViT classifier's decision: one per requested (or predicted) class."""
 
-    def __init__(self, adapter, *, method: str = "chefer", targets: Sequence[str] = (), start_layer: int | None = None):
+    def __init__(self, adapter, *, method: str = "chefer", targets: Sequence[str] = (), start_layer: int | None = None,
+                 precision: str = "fp32"):
         check_method(method)
-        self.adapter, self.method = adapter, method
+        autocast(str(adapter.device), precision)  # an unusable precision is a usage error, before any image
+        self.adapter, self.method, self.precision = adapter, method, precision
         self.model_name = adapter.name
         self.fixed_targets = [adapter.target_index(t) for t in targets]
         self.start_layer = adapter.default_start_layer if start_layer is None else start_layer
+        check_start_layer(self.start_layer, adapter.attention_sites(), "vision")
 
     def meta(self) -> dict[str, Any]:
-        return {"start_layer": self.start_layer, "precision": "fp32"}
+        return {"start_layer": self.start_layer, "precision": self.precision}
 
     def _targets(self, logits: torch.Tensor) -> list[list[int]]:
         if self.fixed_targets:
@@ -87,8 +164,11 @@ class ClassifierRelevancy:
         pixels = adapter.preprocess(images, adapter.native_size)
         needs_gradients = NEEDS_GRADIENTS[self.method]
         results: list[list[TargetMap]] = [[] for _ in images]
-        with input_gradients_only(adapter.model, needs_gradients), AttentionRecorder(adapter.attention_sites()) as recording:
-            logits = adapter.classify(pixels.requires_grad_(needs_gradients))  # (B, C)
+        sites = adapter.attention_sites()
+        with method_gradients(self.method, adapter.model, sites, {"vision": self.start_layer}), \
+                AttentionRecorder(sites) as recording:
+            with autocast(str(adapter.device), self.precision):
+                logits = adapter.classify(pixels).float()  # (B, C)
             if not torch.isfinite(logits).all():
                 raise ItemError("NonFiniteOutput", "the model produced non-finite logits")
             targets = self._targets(logits.detach())
@@ -99,7 +179,7 @@ class ClassifierRelevancy:
                 if needs_gradients:
                     score = sum(logits[i, c] for i, c in chosen)  # samples are independent in eval mode
                     backward(score, retain=slot < slots - 1)
-                relevance = token_relevance(self.method, recording.select(stream="vision"), self.start_layer)
+                relevance = stream_relevance(self.method, recording.select(stream="vision"), self.start_layer)
                 for i, c in chosen:
                     patches = relevance[i, 0, adapter.prefix_tokens:]  # CLS row, prefix columns dropped
                     heat, degenerate = relevance_map(patches, adapter.grid(), (images[i].height, images[i].width))
@@ -114,19 +194,26 @@ class ClipRelevancy:
     """Maps of CLIP's image–text similarity: image relevance from the vision tower, token relevance
     from the text tower's end-of-text row (reference §2.2)."""
 
-    def __init__(self, adapter, texts: Sequence[str], *, method: str = "chefer", start_layer: int | None = None):
+    def __init__(self, adapter, texts: Sequence[str], *, method: str = "chefer", start_layer: int | None = None,
+                 precision: str = "fp32"):
         check_method(method)
+        autocast(str(adapter.device), precision)
+        self.precision = precision
         texts = [text.strip() for text in texts]
         if not texts or not all(texts):
             raise UsageError("--text must be given at least once and must not be empty")
         self.adapter, self.texts, self.method = adapter, texts, method
         self.model_name = adapter.name
         self.sites = adapter.attention_sites()
-        self.start_layers = {stream: (max(s.layer for s in self.sites if s.stream == stream) if start_layer is None
-                                      else start_layer) for stream in ("vision", "text")}
+        last = {stream: max(s.layer for s in self.sites if s.stream == stream) for stream in ("vision", "text")}
+        if start_layer is not None:
+            check_start_layer(start_layer, self.sites, "vision")
+        # one --start-layer serves both towers; the text tower (often shallower) starts at its last layer at most
+        self.start_layers = {stream: depth if start_layer is None else min(start_layer, depth)
+                             for stream, depth in last.items()}
 
     def meta(self) -> dict[str, Any]:
-        return {"start_layer": self.start_layers["vision"], "precision": "fp32"}
+        return {"start_layer": self.start_layers["vision"], "precision": self.precision}
 
     def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
         adapter = self.adapter
@@ -134,21 +221,26 @@ class ClipRelevancy:
         needs_gradients = NEEDS_GRADIENTS[self.method]
         grid = adapter.grid(adapter.native_size)
         results: list[list[TargetMap]] = [[] for _ in images]
-        with input_gradients_only(adapter.model, needs_gradients), AttentionRecorder(self.sites) as recording:
-            image_embedding = F.normalize(adapter.encode_image(pixels.requires_grad_(needs_gradients)), dim=-1)
+        with method_gradients(self.method, adapter.model, self.sites, self.start_layers), \
+                AttentionRecorder(self.sites) as recording:
+            with autocast(str(adapter.device), self.precision):
+                image_embedding = adapter.encode_image(pixels)
+            image_embedding = F.normalize(image_embedding.float(), dim=-1)  # (B, E)
             for k, text in enumerate(self.texts):
                 recording.drop("text")
                 batch = adapter.tokenize([text] * len(images))
-                text_embedding = F.normalize(adapter.encode_tokens(batch), dim=-1)  # (B, E)
+                with autocast(str(adapter.device), self.precision):
+                    text_embedding = adapter.encode_tokens(batch)
+                text_embedding = F.normalize(text_embedding.float(), dim=-1)  # (B, E)
                 similarity = (image_embedding * text_embedding).sum(dim=-1)  # (B,)
                 if not torch.isfinite(similarity).all():
                     raise ItemError("NonFiniteOutput", "the model produced non-finite embeddings")
                 if needs_gradients:
                     backward(adapter.logit_scale * similarity.sum(), retain=k < len(self.texts) - 1)
-                image_relevance = token_relevance(self.method, recording.select(stream="vision"),
-                                                  self.start_layers["vision"])
-                text_relevance = token_relevance(self.method, recording.select(stream="text"),
-                                                 self.start_layers["text"])
+                image_relevance = stream_relevance(self.method, recording.select(stream="vision"),
+                                                   self.start_layers["vision"])
+                text_relevance = stream_relevance(self.method, recording.select(stream="text"),
+                                                  self.start_layers["text"])
                 pooled = adapter.pooled_index(batch)
                 words = adapter.token_words(batch, 0)
                 for i, image in enumerate(images):
@@ -162,7 +254,7 @@ class ClipRelevancy:
 
 
 def build_relevancy(adapter, *, method: str, texts: Sequence[str], targets: Sequence[str],
-                    start_layer: int | None):
+                    start_layer: int | None, precision: str = "fp32"):
     """The relevancy explainer for an adapter's family; usage errors for options that do not apply."""
     family = getattr(adapter, "family", "")
     if family == "clip":
@@ -170,9 +262,10 @@ def build_relevancy(adapter, *, method: str, texts: Sequence[str], targets: Sequ
             raise UsageError("--target is for classifiers; CLIP models take --text")
         if not texts:
             raise UsageError(f"{adapter.name} is a CLIP model: give one or more --text")
-        return ClipRelevancy(adapter, texts, method=method, start_layer=start_layer)
+        return ClipRelevancy(adapter, texts, method=method, start_layer=start_layer, precision=precision)
     if family == "vit":
         if texts:
             raise UsageError(f"{adapter.name} is a classifier: use --target LABEL, not --text")
-        return ClassifierRelevancy(adapter, method=method, targets=targets, start_layer=start_layer)
+        return ClassifierRelevancy(adapter, method=method, targets=targets, start_layer=start_layer,
+                                   precision=precision)
     raise UsageError(f"{adapter.name} ({family}) has no relevancy support yet")

@@ -1,0 +1,54 @@
+"""`xattn bench perf`: every row measured, ratios that follow from the rows, JSON written, usage errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from xattn_cli.cli.app import app
+from xattn_cli.eval.perf import Measurement, measure, perf_texts
+
+runner = CliRunner()
+
+
+def test_clip_relevancy_rows_and_ratios(tmp_path):
+    report = tmp_path / "perf.json"
+    result = runner.invoke(app, ["bench", "perf", "--method", "chefer", "--batch-size", "2", "--texts", "2",
+                                 "--loop-items", "1", "--device", "cpu", "--json", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    names = [row["name"] for row in data["rows"]]
+    assert names == ["bare forward+backward", "chefer", "batch-1 fp32 loop"]
+    speed = {row["name"]: row["items"] / row["seconds"] for row in data["rows"]}
+    assert data["method_vs_bare"] == pytest.approx(speed["chefer"] / speed["bare forward+backward"])
+    assert data["method_vs_loop"] == pytest.approx(speed["chefer"] / speed["batch-1 fp32 loop"])
+    assert data["texts"] == 2 and data["batch_size"] == 2 and data["startup"]["ratio"] > 0
+    assert "chefer vs bare" in result.stdout
+
+
+def test_surgery_rows_include_both_official_loops(tmp_path):
+    result = runner.invoke(app, ["bench", "perf", "--batch-size", "2", "--texts", "2", "--loop-items", "1",
+                                 "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    for name in ("bare image encoder", "surgery", "batch-1 fp32 loop, text cached", "batch-1 fp32 loop, text re-encoded"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "shapes-vit", "--method", "surgery"], "not a CLIP model"),
+    (["--method", "gradcam++"], "unknown method"),
+    (["--texts", "99"], "--texts"),
+    (["--model", "no-such-model"], "unknown model"),
+])
+def test_usage_errors(args, message):
+    result = runner.invoke(app, ["bench", "perf", "--device", "cpu", "-q", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_measure_counts_items_and_repeats():
+    calls = []
+    row = measure("x", lambda: calls.append(1), items=3, device="cpu", repeats=2)
+    assert len(calls) == 3 and row.items == 6 and row.items_per_s == pytest.approx(6 / row.seconds)
+    assert isinstance(row, Measurement) and row.peak_mb >= 0
+    assert len(set(perf_texts(20))) == 20
