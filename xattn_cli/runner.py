@@ -16,7 +16,7 @@ from xattn_cli.explainers.base import Explainer
 from xattn_cli.io.images import DEFAULT_MAX_PIXELS, ItemError
 from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_png
 from xattn_cli.io.stream import decoded_images, default_workers
-from xattn_cli.render.overlay import overlay_heatmap
+from xattn_cli.render.overlay import Box, overlay_heatmap
 from xattn_cli.results import TargetMap
 
 
@@ -42,6 +42,21 @@ def error_record(image: str, explainer: Explainer, error: BaseException) -> dict
         detail = {"type": type(error).__name__, "message": str(error).splitlines()[0] if str(error) else ""}
     return {"image": image, "status": "error", "model": explainer.model_name, "method": explainer.method,
             "error": detail}
+
+
+def explain_batch(explainer: Explainer, images: list[Image.Image], names: list[str]) -> list[list[TargetMap]]:
+    """`explainer.explain(images)`; explainers that set `takes_names` also get the images' paths."""
+    if getattr(explainer, "takes_names", False):
+        return explainer.explain(images, names=names)  # type: ignore[call-arg]
+    return explainer.explain(images)
+
+
+def detection_boxes(target: TargetMap) -> list[Box]:
+    """The box of a detection target, labelled with its class and score; none for other targets."""
+    if "box" not in target.extra:
+        return []
+    x0, y0, x1, y1 = target.extra["box"]
+    return [(x0, y0, x1, y1, f"{target.extra['label']} {target.score:.2f}")]
 
 
 class BatchRunner:
@@ -84,7 +99,7 @@ class BatchRunner:
 
     def _explain(self, batch: list[tuple[str, Image.Image, float]], namer: OutputNamer) -> Iterator[dict[str, Any]]:
         try:
-            explained = self.explainer.explain([image for _, image, _ in batch])
+            explained = explain_batch(self.explainer, [image for _, image, _ in batch], [path for path, _, _ in batch])
         except Exception as error:
             if len(batch) > 1:  # find the item that fails; the others still get their results
                 for item in batch:
@@ -106,8 +121,9 @@ class BatchRunner:
         for target in targets:
             entry = target.to_json()
             overlay_path = namer.artifact_path(self.out_dir, path, target.target, "png")
-            points = target.extra.get("points")
-            atomic_save_png(overlay_path, overlay_heatmap(image, target.map, points=points))
+            overlay = overlay_heatmap(image, target.map, points=target.extra.get("points"),
+                                      boxes=detection_boxes(target))
+            atomic_save_png(overlay_path, overlay)
             entry["overlay"] = str(overlay_path)
             entry["map"] = None
             if self.save_maps:

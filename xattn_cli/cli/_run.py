@@ -108,6 +108,8 @@ def _print_table(records: list[dict[str, Any]]) -> None:
             table.add_row(record["image"], "[red]error[/red]", "", "", "",
                           f"{record['error']['type']}: {record['error']['message']}")
             continue
+        if not record["targets"]:
+            table.add_row(record["image"], "ok", "(none)", "", "", "")
         for target in record["targets"]:
             table.add_row(record["image"], "ok", target["target"], f"{target['score']:.4f}",
                           str(target["peak"]), target["overlay"])

@@ -4,6 +4,8 @@ Usage:
     xattn relevancy scene.png                              # shapes-vit, its predicted shapes
     xattn relevancy scene.png --target star --method rollout
     xattn relevancy scene.png --model shapes-clip --text "a red circle"
+    xattn relevancy scene.png --model hf:LXMERT_DIR --question "what colour is the star?" --features regions.npz
+    xattn relevancy scene.png --model hf:DETR_DIR --threshold 0.7     # one map per detection
 """
 from __future__ import annotations
 
@@ -29,7 +31,11 @@ def relevancy(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`).")] = "shapes-vit",
     text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="CLIP models: a text to explain; repeat for several.")] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Classifiers: a label or index [default: the predicted class(es)].")] = None,
-    method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam.")] = Method.chefer,
+    question: Annotated[Optional[list[str]], typer.Option("--question", help="VQA models (LXMERT, VisualBERT): a question to explain; repeat for several.")] = None,
+    answer: Annotated[Optional[str], typer.Option("--answer", help="VQA models: explain this answer [default: the predicted one].")] = None,
+    features: Annotated[Optional[Path], typer.Option("--features", help="VQA models: region boxes + features per image, .npz (names, features, boxes[, counts]) [default: the model's grid regions].", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="DETR: explain each detection whose class probability exceeds this [default: 0.5].", show_default=False)] = None,
+    method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam (LXMERT, VisualBERT, DETR: chefer only).")] = Method.chefer,
     start_layer: Annotated[Optional[int], typer.Option("--start-layer", min=0, help="First layer accumulated [default: 0 for ViT, the last layer for CLIP].")] = None,
     pretrained: opt.PretrainedOpt = None,
     trust_checkpoint: opt.TrustCheckpointOpt = False,
@@ -52,7 +58,8 @@ def relevancy(
 
         adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
         return build_relevancy(adapter, method=method.value, texts=text or [], targets=target or [],
-                               start_layer=start_layer, precision=precision.value)
+                               start_layer=start_layer, precision=precision.value, questions=question or [],
+                               answer=answer, features=features, threshold=threshold)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,

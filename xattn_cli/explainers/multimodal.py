@@ -2,7 +2,7 @@
 (LXMERT, VisualBERT) and DETR detections. Maps come back as `TargetMap`s, like every other explainer."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from xattn_cli.methods.surgery import min_max
 from xattn_cli.models.detr import boxes_to_pixels, feature_grid
 from xattn_cli.models.regions import Regions, RegionSource, regions_to_map
 from xattn_cli.results import TargetMap
+
+DEFAULT_THRESHOLD = 0.5
+"""DETR: a query is a detection when its most probable class exceeds this probability."""
 
 
 def _unit(values: torch.Tensor) -> torch.Tensor:
@@ -37,7 +40,12 @@ class VqaRelevancy:
 
     LXMERT: the bi-modal rules (reference §2.4), read from [CLS]. VisualBERT: the self-attention rules over
     the joint stream (§2.3), read from the token its VQA head pools.
+
+    `explain` takes each image's path too (`takes_names`): precomputed regions are looked up by file stem.
     """
+
+    method = "chefer"
+    takes_names: ClassVar[bool] = True
 
     def __init__(self, adapter, questions: Sequence[str], *, answer: str | None = None,
                  regions: RegionSource | None = None):
@@ -53,7 +61,7 @@ class VqaRelevancy:
             raise UsageError(f"{adapter.name} needs region features: give --features FILE.npz")
 
     def meta(self) -> dict[str, Any]:
-        return {"method": "chefer", "precision": "fp32"}
+        return {"precision": "fp32"}
 
     def relevance(self, batch: dict[str, torch.Tensor], regions: Regions
                   ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
@@ -122,17 +130,19 @@ class VqaRelevancy:
 
 class DetectionRelevancy:
     """One map per DETR detection whose class probability exceeds `threshold`: the query's relevance over
-    the encoder's image tokens (reference §2.5), upsampled to the image."""
+    the encoder's image tokens (reference §2.5), upsampled to the image. A threshold of 1 keeps none."""
 
-    def __init__(self, adapter, *, threshold: float = 0.5):
+    method = "chefer"
+
+    def __init__(self, adapter, *, threshold: float = DEFAULT_THRESHOLD):
         if adapter.family != "detr":
             raise UsageError(f"{adapter.name} ({adapter.family}) is not a detection model")
-        if not 0.0 <= threshold < 1.0:
-            raise UsageError(f"--threshold must be in [0, 1), got {threshold}")
+        if not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
         self.adapter, self.threshold, self.model_name = adapter, threshold, adapter.name
 
     def meta(self) -> dict[str, Any]:
-        return {"method": "chefer", "threshold": self.threshold, "precision": "fp32"}
+        return {"threshold": self.threshold, "precision": "fp32"}
 
     def detections(self, logits: torch.Tensor) -> list[list[tuple[int, int, float]]]:
         """Per image: (query, class, probability) above the threshold, most probable first."""

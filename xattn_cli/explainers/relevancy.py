@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -253,19 +254,57 @@ class ClipRelevancy:
         return results
 
 
-def build_relevancy(adapter, *, method: str, texts: Sequence[str], targets: Sequence[str],
-                    start_layer: int | None, precision: str = "fp32"):
-    """The relevancy explainer for an adapter's family; usage errors for options that do not apply."""
+FAMILY_OPTIONS = {  # option → (what it is for, the families that take it)
+    "--text": ("CLIP models", {"clip"}),
+    "--target": ("classifiers", {"vit"}),
+    "--start-layer": ("ViT and CLIP models", {"vit", "clip"}),
+    "--precision": ("ViT and CLIP models (the others run in fp32)", {"vit", "clip"}),
+    "--question": ("VQA models (LXMERT, VisualBERT)", {"lxmert", "visualbert"}),
+    "--answer": ("VQA models (LXMERT, VisualBERT)", {"lxmert", "visualbert"}),
+    "--features": ("region-feature models (LXMERT, VisualBERT)", {"lxmert", "visualbert"}),
+    "--threshold": ("detection models (DETR)", {"detr"}),
+}
+CHEFER_ONLY = ("lxmert", "visualbert", "detr")  # co-attention and encoder-decoder rules: no baselines yet
+FAMILIES = ("clip", "vit", *CHEFER_ONLY)
+
+
+def check_options(adapter, given: dict[str, bool], method: str) -> None:
+    """Usage errors for options given to a family that does not take them, and for unsupported methods."""
     family = getattr(adapter, "family", "")
+    if family not in FAMILIES:
+        raise UsageError(f"{adapter.name} ({family}) has no relevancy support yet")
+    for option, (purpose, families) in FAMILY_OPTIONS.items():
+        if given.get(option) and family not in families:
+            takes = [name for name, (_, fs) in FAMILY_OPTIONS.items() if family in fs]
+            raise UsageError(f"{option} is for {purpose}; {adapter.name} ({family}) takes {', '.join(takes)}")
+    if family in CHEFER_ONLY and method != "chefer":
+        raise UsageError(f"{adapter.name} ({family}) supports --method chefer only, not {method!r}")
+
+
+def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets: Sequence[str] = (),
+                    start_layer: int | None = None, precision: str = "fp32", questions: Sequence[str] = (),
+                    answer: str | None = None, features: str | Path | None = None, threshold: float | None = None):
+    """The relevancy explainer for an adapter's family; usage errors for options that do not apply.
+
+    `features` (a .npz file, see `models.regions`) replaces a region model's own region extractor;
+    `threshold` defaults to `DEFAULT_THRESHOLD`.
+    """
+    given = {"--text": bool(texts), "--target": bool(targets), "--start-layer": start_layer is not None,
+             "--precision": precision != "fp32", "--question": bool(questions), "--answer": answer is not None,
+             "--features": features is not None, "--threshold": threshold is not None}
+    check_options(adapter, given, method)
+    family = adapter.family
     if family == "clip":
-        if targets:
-            raise UsageError("--target is for classifiers; CLIP models take --text")
         if not texts:
             raise UsageError(f"{adapter.name} is a CLIP model: give one or more --text")
         return ClipRelevancy(adapter, texts, method=method, start_layer=start_layer, precision=precision)
     if family == "vit":
-        if texts:
-            raise UsageError(f"{adapter.name} is a classifier: use --target LABEL, not --text")
         return ClassifierRelevancy(adapter, method=method, targets=targets, start_layer=start_layer,
                                    precision=precision)
-    raise UsageError(f"{adapter.name} ({family}) has no relevancy support yet")
+    from xattn_cli.explainers.multimodal import DEFAULT_THRESHOLD, DetectionRelevancy, VqaRelevancy
+    from xattn_cli.models.regions import NpzRegions
+
+    if family == "detr":
+        return DetectionRelevancy(adapter, threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+    regions = None if features is None else NpzRegions(features)
+    return VqaRelevancy(adapter, questions, answer=answer, regions=regions)

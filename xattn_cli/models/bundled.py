@@ -108,8 +108,8 @@ def vit_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
     return load_hf(location)
 
 
-@register_model("hf", "auto", ("surgery", "relevancy"), "Hugging Face model folder or repo (family from its config)",
-                prefix=True)
+@register_model("hf", "auto", ("surgery", "relevancy"), "Hugging Face model folder or repo; the family comes from "
+                "its config: clip, vit, lxmert, visualbert (--question), detr (detections)", prefix=True)
 def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     if not Path(location).exists():
         require_hub(location, "shapes-* model of the same family")
