@@ -131,6 +131,18 @@ def test_detr_without_detections_is_an_ok_record_with_no_targets(folders, images
     assert record["status"] == "ok" and record["targets"] == [] and record["meta"]["threshold"] == 1.0
 
 
+def test_table_shows_the_answer_and_images_without_detections(folders, images, tmp_path):
+    def table(*args: str) -> str:
+        result = runner.invoke(app, ["relevancy", str(images[0]), "-o", str(tmp_path / "out"), "-f", "table", *args],
+                               env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert f"{QUESTIONS[0]} → star" in table("--model", f"hf:{folders['lxmert']}", "--question", QUESTIONS[0],
+                                              "--answer", "star")
+    assert "(none)" in table("--model", f"hf:{folders['detr']}", "--threshold", "1")
+
+
 def _write_features(path: Path, names: list[str]) -> np.ndarray:
     """Two real regions and one padded row per image, boxes in pixels. Returns the boxes (K, 3, 4)."""
     rng = np.random.default_rng(0)

@@ -111,6 +111,7 @@ def _print_table(records: list[dict[str, Any]]) -> None:
         if not record["targets"]:
             table.add_row(record["image"], "ok", "(none)", "", "", "")
         for target in record["targets"]:
-            table.add_row(record["image"], "ok", target["target"], f"{target['score']:.4f}",
-                          str(target["peak"]), target["overlay"])
+            answered = f"{target['target']} → {target['answer']}" if "answer" in target else target["target"]
+            table.add_row(record["image"], "ok", answered, f"{target['score']:.4f}", str(target["peak"]),
+                          target["overlay"])
     Console().print(table)
