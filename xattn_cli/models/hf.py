@@ -66,11 +66,14 @@ def _load_clip(location: str):
 
 
 def _region_source(location: str):
-    """Grid regions when the folder's `xattn.json` names them ({"regions": {"grid": [r, c], "cell": n}});
+    """Grid regions when the folder's `xattn.json` names them ({"regions": {"grid": [r, c], "cell": n}}, plus
+    "stem": {"widths": [...], "weights": FILE} when a trained conv stem computes the cell features);
     otherwise None: the caller supplies features (--features FILE.npz)."""
-    from xattn_cli.models.regions import GridRegions
+    from xattn_cli.models.regions import GridRegions, StemGridRegions
 
     spec = _json_file(location, "xattn.json").get("regions")
+    if spec and "stem" in spec:
+        return StemGridRegions.from_folder(location, spec)
     return GridRegions(tuple(spec["grid"]), spec["cell"]) if spec else None
 
 

@@ -54,15 +54,72 @@ class GridRegions:
 
     def __call__(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> Regions:
         rows, cols = self.grid
-        size = (cols * self.cell, rows * self.cell)  # PIL (W, H)
-        pixels = np.stack([np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)) for image in images])
-        pixels = torch.from_numpy(pixels).float() / 127.5 - 1.0  # (B, rows·c, cols·c, 3)
+        pixels = self.pixels(images)  # (B, rows·c, cols·c, 3)
         batch = pixels.shape[0]
         cells = pixels.view(batch, rows, self.cell, cols, self.cell, 3).permute(0, 1, 3, 2, 4, 5)  # (B, r, c, ch, cw, 3)
-        features = cells.reshape(batch, rows * cols, self.dim)  # (B, R, D)
+        return self.regions(cells.reshape(batch, rows * cols, self.dim))  # features (B, R, D)
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Each image squashed to the grid's pixel size (bilinear), scaled to [-1, 1]. (B, rows·cell, cols·cell, 3)."""
+        rows, cols = self.grid
+        size = (cols * self.cell, rows * self.cell)  # PIL (W, H)
+        pixels = np.stack([np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)) for image in images])
+        return torch.from_numpy(pixels).float() / 127.5 - 1.0
+
+    def regions(self, features: torch.Tensor) -> Regions:
+        """One region per grid cell, row-major, with these (B, R, D) features."""
+        rows, cols = self.grid
+        batch = features.shape[0]
         y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
         boxes = torch.stack([x / cols, y / rows, (x + 1) / cols, (y + 1) / rows], dim=-1).reshape(1, -1, 4).float()  # (1, R, 4)
         return Regions(features, boxes.expand(batch, -1, -1).clone(), torch.ones(batch, rows * cols), self.grid)
+
+
+class GridStem(torch.nn.Module):
+    """A small CNN that gives one feature per grid cell: one stage per halving (2 ** len(widths) = cell), each a
+    stride-2 3×3 convolution and a 3×3 convolution, GELU after both. (B, H, W, 3) in [-1, 1] → (B, R, widths[-1])."""
+
+    def __init__(self, widths: Sequence[int], cell: int):
+        super().__init__()
+        if 2 ** len(widths) != cell:
+            raise ValueError(f"a stem of {len(widths)} stages has stride {2 ** len(widths)}, not the cell size {cell}")
+        layers, channels = [], 3
+        for width in widths:
+            layers += [torch.nn.Conv2d(channels, width, 3, stride=2, padding=1), torch.nn.GELU(),
+                       torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.GELU()]
+            channels = width
+        self.layers = torch.nn.Sequential(*layers)
+        self.dim = channels
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.layers(pixels.permute(0, 3, 1, 2))  # (B, D, rows, cols)
+        return features.flatten(2).transpose(1, 2)  # (B, R, D), row-major
+
+
+class StemGridRegions(GridRegions):
+    """Grid regions whose features come from a trained `GridStem` (the bundled shapes-lxmert/-visualbert)."""
+
+    def __init__(self, stem: GridStem, grid: tuple[int, int], cell: int):
+        super().__init__(grid, cell)
+        self.stem = stem.eval()
+
+    @property
+    def dim(self) -> int:
+        return self.stem.dim
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, spec: dict) -> "StemGridRegions":
+        """`spec` = {"grid": [r, c], "cell": n, "stem": {"widths": [...], "weights": FILE in folder}}."""
+        from safetensors.torch import load_file
+
+        stem = GridStem(spec["stem"]["widths"], spec["cell"])
+        state = load_file(str(Path(folder) / spec["stem"]["weights"]))
+        stem.load_state_dict({key: value.float() for key, value in state.items()})
+        return cls(stem, tuple(spec["grid"]), spec["cell"])
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> Regions:
+        return self.regions(self.stem(self.pixels(images)))  # features (B, R, D)
 
 
 class NpzRegions:

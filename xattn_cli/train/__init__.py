@@ -1,5 +1,10 @@
 """Seeded recipes that produce the bundled weights in assets/weights/."""
+import json
 import math
+import time
+from pathlib import Path
+
+import torch
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -7,3 +12,91 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """Batch `step` is `make_batch(step)`, a pure function of the step, so a resumed run replays the stream."""
+
+    def __init__(self, make_batch, start_step: int):
+        self.make_batch, self.start_step = make_batch, start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield step, self.make_batch(step)
+            step += 1
+
+
+def step_loader(make_batch, start_step: int, workers: int):
+    """`StepBatches` drawn in `workers` background processes (0: in this one)."""
+    return torch.utils.data.DataLoader(StepBatches(make_batch, start_step), batch_size=None, num_workers=workers,
+                                       prefetch_factor=4 if workers else None)
+
+
+class Checkpoint:
+    """Modules, optimizer and step in one file, replaced atomically (a killed run loses at most one interval)."""
+
+    def __init__(self, path: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
+        self.path, self.modules, self.optimizer = Path(path), modules, optimizer
+
+    def restore(self) -> int:
+        """Load the file if there is one; the step to start from."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=True)
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["step"] + 1
+
+    def save(self, step: int) -> None:
+        state = {name: module.state_dict() for name, module in self.modules.items()}
+        temporary = self.path.with_suffix(".tmp")
+        torch.save({**state, "optimizer": self.optimizer.state_dict(), "step": step}, temporary)
+        temporary.replace(self.path)
+
+
+def fit(batches, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_path, *, steps: int, lr: float,
+        warmup: int, eval_every: int) -> None:
+    """The loop of a seeded, resumable recipe. `batches` yields (step, batch) from the resumed step on;
+    `loss_fn(batch)` gives the loss and a dict of named parts to log. Every `eval_every` steps and at the last,
+    `evaluate()` adds held-out metrics to that step's log line and the checkpoint is saved. One JSON line per
+    step is appended to `log_path`; gradients are clipped to norm 1."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    began = time.time()
+    with open(log_path, "a") as log:
+        for step, batch in batches:
+            if step >= steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            loss, parts = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            record = {"step": step, "loss": round(loss.item(), 4), **parts, "elapsed_s": round(time.time() - began, 1)}
+            if step % eval_every == 0 or step == steps - 1:
+                record.update(evaluate())
+                checkpoint.save(step)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+
+def storage_dtype(modules: list[torch.nn.Module], evaluate, metric: str, tolerance: float = 0.005
+                  ) -> tuple[torch.dtype, dict, dict]:
+    """float16 if the held-out `metric` of the weights rounded to fp16 stays within `tolerance` of fp32, else
+    float32; the modules are left holding the weights of that choice (computing in fp32). Returns the dtype and
+    the fp32 and fp16 metrics."""
+    full = evaluate()
+    saved = [{k: v.clone() for k, v in module.state_dict().items()} for module in modules]
+    with torch.no_grad():
+        for module in modules:
+            for parameter in module.parameters():
+                parameter.copy_(parameter.half().float())
+    half = evaluate()
+    if half[metric] >= full[metric] - tolerance:
+        return torch.float16, full, half
+    for module, state in zip(modules, saved):
+        module.load_state_dict(state)
+    return torch.float32, full, half

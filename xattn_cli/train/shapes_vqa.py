@@ -1,0 +1,196 @@
+"""Train `shapes-lxmert` or `shapes-visualbert`: a tiny Hugging Face VQA model over conv-stem grid regions,
+answering the shapes world's questions (seeded, resumable).
+
+    python -m xattn_cli.train.shapes_vqa --family lxmert --out DIR --steps 6000 [--device cuda]
+
+Each training scene (stream seed 3, 1–4 objects, 64 px) contributes one of its questions ("what colour is the
+star?", "what shape is red?", "is there a green cross?"); the answers are the six colours, the six shapes, yes
+and no (cross-entropy over the 14). Visual tokens: a small CNN (`GridStem`, trained with the model) gives one
+feature per cell of an 8×8 grid, with the cell's normalised box (`StemGridRegions`). Questions use a word-level
+vocabulary (`vocab.txt`, BERT special tokens + the world's words). Held out: every question of the first
+`--eval-scenes` scenes of stream seed 12000; the metric is answer accuracy.
+
+DIR ends up a `hf:DIR` folder: `config.json` + `model.safetensors` (fp16 where accuracy holds), the tokenizer
+(`vocab.txt`), `region_stem.safetensors`, `xattn.json` (regions and the recipe's figures), `log.jsonl` and
+`checkpoint.pt` (a rerun with the same arguments resumes from it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from xattn_cli.config import CONFIG_DIR
+from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions
+from xattn_cli.text import WordTokenizer
+from xattn_cli.train import Checkpoint, fit, step_loader, storage_dtype
+from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
+
+ANSWERS = [*COLORS, *SHAPES, "yes", "no"]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TRAIN_SEED, EVAL_SEED = 3, 12_000
+STEM_FILE = "region_stem.safetensors"
+
+
+def question_words(scenes: int = 50) -> list[str]:
+    """The words of the world's questions (those of `scenes` scenes, plus every shape and colour), sorted."""
+    split = WordTokenizer([]).words
+    words = set(SHAPES) | set(COLORS)
+    for index in range(scenes):
+        for qa in scene_at(TRAIN_SEED, index, size=32).qa:
+            words.update(split(qa["question"]))
+    return sorted(words)
+
+
+def write_tokenizer(folder: Path):
+    """A BERT tokenizer over a word-level `vocab.txt` written into `folder` (no word is split into pieces)."""
+    import transformers
+
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + question_words()) + "\n", encoding="utf-8")
+    return transformers.BertTokenizer(str(folder / "vocab.txt"))
+
+
+def build_adapter(cfg: dict, family: str, tokenizer):
+    """The family's adapter around a fresh model, its visual tokens from a fresh `GridStem`."""
+    import transformers
+
+    from xattn_cli.models.lxmert import LxmertAdapter
+    from xattn_cli.models.visualbert import VisualBertAdapter
+
+    spec = cfg["regions"]
+    stem = GridStem(spec["stem"]["widths"], spec["cell"])
+    labels = dict(id2label=dict(enumerate(ANSWERS)), label2id={a: i for i, a in enumerate(ANSWERS)})
+    if family == "lxmert":
+        config = transformers.LxmertConfig(**cfg["hf_config"], vocab_size=len(tokenizer),
+                                           visual_feat_dim=stem.dim, num_qa_labels=len(ANSWERS), **labels)
+        model, adapter_class = transformers.LxmertForQuestionAnswering(config), LxmertAdapter
+    else:
+        config = transformers.VisualBertConfig(**cfg["hf_config"], vocab_size=len(tokenizer),
+                                               visual_embedding_dim=stem.dim, num_labels=len(ANSWERS), **labels)
+        model, adapter_class = transformers.VisualBertForQuestionAnswering(config), VisualBertAdapter
+    return adapter_class(model, tokenizer, StemGridRegions(stem, tuple(spec["grid"]), spec["cell"]),
+                         name=f"shapes-{family}")
+
+
+def training_batch(step: int, batch_size: int, source: GridRegions, size: int):
+    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1, one question of each, answer indices (B,)."""
+    rng = np.random.default_rng([TRAIN_SEED, step, 7])
+    images, questions, answers = [], [], []
+    for index in range(step * batch_size, (step + 1) * batch_size):
+        scene = scene_at(TRAIN_SEED, index, size=size)
+        qa = scene.qa[int(rng.integers(len(scene.qa)))]
+        images.append(scene.image)
+        questions.append(qa["question"])
+        answers.append(ANSWERS.index(qa["answer"]))
+    return source.pixels(images), questions, torch.tensor(answers)
+
+
+def answer_logits(adapter, features: torch.Tensor, questions: list[str]) -> torch.Tensor:
+    """(B, answers) for stem features (B, R, D), through the adapter the explainers use."""
+    regions = adapter.regions.regions(features).to(features.device)
+    return adapter.answer_logits(adapter.tokenize(questions), regions)
+
+
+def batch_loss(adapter, batch) -> tuple[torch.Tensor, dict]:
+    pixels, questions, answers = batch
+    features = adapter.regions.stem(pixels.to(adapter.device))  # (B, R, D)
+    return F.cross_entropy(answer_logits(adapter, features, questions), answers.to(adapter.device)), {}
+
+
+class HeldOut:
+    """Every question of the first `count` scenes of the held-out stream."""
+
+    def __init__(self, source: StemGridRegions, count: int, size: int):
+        scenes = [scene_at(EVAL_SEED, index, size=size) for index in range(count)]
+        self.pixels = source.pixels([scene.image for scene in scenes])  # (N, H, W, 3)
+        self.items = [(i, qa["question"], qa["answer"]) for i, scene in enumerate(scenes) for qa in scene.qa]
+
+
+def answer_kind(answer: str) -> str:
+    return "colour" if answer in COLORS else "shape" if answer in SHAPES else "yes_no"
+
+
+@torch.no_grad()
+def evaluate(adapter, held_out: HeldOut, chunk: int = 256) -> dict[str, float]:
+    """Answer accuracy on the held-out questions, overall and per kind of answer (colour, shape, yes/no)."""
+    adapter.model.eval()
+    stem = adapter.regions.stem
+    features = torch.cat([stem(p.to(adapter.device)) for p in held_out.pixels.split(chunk)])  # (N, R, D)
+    predicted = []
+    for start in range(0, len(held_out.items), chunk):
+        items = held_out.items[start:start + chunk]
+        scenes = torch.tensor([scene for scene, _, _ in items], device=features.device)
+        predicted += answer_logits(adapter, features[scenes], [q for _, q, _ in items]).argmax(dim=1).tolist()
+    adapter.model.train()
+    correct = {kind: [] for kind in ("colour", "shape", "yes_no")}
+    for (_, _, answer), guess in zip(held_out.items, predicted):
+        correct[answer_kind(answer)].append(ANSWERS[guess] == answer)
+    scores = {f"accuracy_{kind}": round(float(np.mean(hits)), 4) for kind, hits in correct.items() if hits}
+    return {"accuracy": round(float(np.mean(sum(correct.values(), []))), 4), **scores}
+
+
+def export(adapter, cfg: dict, held_out: HeldOut, out: Path, args: argparse.Namespace) -> dict:
+    """The `hf:DIR` files in `out`; fp16 weights where held-out accuracy holds (±0.5 points)."""
+    model, stem = adapter.model, adapter.regions.stem
+    dtype, full, half = storage_dtype([model, stem], partial(evaluate, adapter, held_out), "accuracy")
+    model.to("cpu", dtype).save_pretrained(out)
+    model.float()
+    adapter.tokenizer.save_pretrained(out)
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in stem.state_dict().items()}, str(out / STEM_FILE))
+    regions = {**cfg["regions"], "stem": {**cfg["regions"]["stem"], "weights": STEM_FILE}}
+    recipe = {"module": "xattn_cli.train.shapes_vqa", "family": args.family, "steps": args.steps, "seed": args.seed,
+              "batch_size": args.batch_size, "lr": args.lr, "storage": str(dtype).removeprefix("torch."),
+              "held_out": {"seed": EVAL_SEED, "scenes": args.eval_scenes, "questions": len(held_out.items),
+                           "fp32": full, "fp16": half}}
+    (out / "xattn.json").write_text(json.dumps({"regions": regions, "recipe": recipe}, indent=2) + "\n")
+    return recipe
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    cfg = json.loads(Path(args.config or CONFIG_DIR / f"shapes-{args.family}.json").read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = build_adapter(cfg, args.family, write_tokenizer(out)).to(args.device)
+    adapter.model.train()
+    source, size = adapter.regions, cfg["image_size"]
+    source.stem.to(args.device)
+    parameters = list(adapter.model.parameters()) + list(source.stem.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem}, optimizer)
+    start = checkpoint.restore()
+    held_out = HeldOut(source, args.eval_scenes, size)
+    grid = GridRegions(source.grid, source.cell)  # the stem's input pixels, drawn without the stem
+    batches = step_loader(partial(training_batch, batch_size=args.batch_size, source=grid, size=size), start,
+                          args.workers)
+    fit(batches, partial(batch_loss, adapter), optimizer, checkpoint, partial(evaluate, adapter, held_out),
+        out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every)
+    return export(adapter, cfg, held_out, out, args)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("lxmert", "visualbert"), required=True)
+    parser.add_argument("--out", required=True, help="the hf:DIR folder: weights, vocabulary, log, checkpoint")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation (the data streams are fixed)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-scenes", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing training scenes (0: none)")
+    parser.add_argument("--config", help="architecture JSON (default configs/shapes-FAMILY.json)")
+    return train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
