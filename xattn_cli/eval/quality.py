@@ -391,7 +391,9 @@ def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Pa
         rows += [{"model": name, "method": method, **summarise(values[method], resamples)} for method in chosen]
         log(f"{name}: {len(chosen)} methods on {len(scene_list)} scenes in {time.perf_counter() - model_started:.0f} s")
         if sanity_scenes:
+            sanity_started = time.perf_counter()
             curves = sanity_cascade(task, scene_list[:sanity_scenes], chosen)
+            log(f"{name}: sanity cascade in {time.perf_counter() - sanity_started:.0f} s")
             sanity += [{"model": name, "method": method, "spearman": curve, "flagged": curve[-1] >= SANITY_FLAG}
                        for method, curve in curves.items()]
     source = str(data) if data is not None else f"held-out shapes world, seed {seed}"
