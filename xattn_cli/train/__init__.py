@@ -100,3 +100,22 @@ def storage_dtype(modules: list[torch.nn.Module], evaluate, metric: str, toleran
     for module, state in zip(modules, saved):
         module.load_state_dict(state)
     return torch.float32, full, half
+
+
+def run_arguments(description: str, *, steps: int, lr: float, warmup: int, eval_every: int):
+    """An argument parser with the options every `hf:DIR` recipe takes (and these defaults)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="the hf:DIR folder: weights, config, log, checkpoint")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation (the data streams are fixed)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--eval-every", type=int, default=eval_every)
+    parser.add_argument("--eval-scenes", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing training scenes (0: none)")
+    parser.add_argument("--config", help="architecture JSON (default: the model's file in configs/)")
+    return parser

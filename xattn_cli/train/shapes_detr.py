@@ -29,7 +29,7 @@ from xattn_cli.config import CONFIG_DIR
 from xattn_cli.eval.detection import mean_average_precision
 from xattn_cli.models.base import normalize
 from xattn_cli.models.detr import DetrAdapter, boxes_to_pixels
-from xattn_cli.train import Checkpoint, fit, step_loader, storage_dtype
+from xattn_cli.train import Checkpoint, fit, run_arguments, step_loader, storage_dtype
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 4, 13_000
@@ -192,19 +192,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="the hf:DIR folder: weights, processor config, log, checkpoint")
-    parser.add_argument("--steps", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0, help="initialisation (the data streams are fixed)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--eval-scenes", type=int, default=500)
-    parser.add_argument("--workers", type=int, default=1, help="processes drawing training scenes (0: none)")
-    parser.add_argument("--config", help="architecture JSON (default configs/shapes-detr.json)")
-    return train(parser.parse_args(argv))
+    return train(run_arguments(__doc__, steps=20000, lr=3e-4, warmup=300, eval_every=500).parse_args(argv))
 
 
 if __name__ == "__main__":

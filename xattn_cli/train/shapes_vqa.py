@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from xattn_cli.config import CONFIG_DIR
 from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions
 from xattn_cli.text import WordTokenizer
-from xattn_cli.train import Checkpoint, fit, step_loader, storage_dtype
+from xattn_cli.train import Checkpoint, fit, run_arguments, step_loader, storage_dtype
 from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
 
 ANSWERS = [*COLORS, *SHAPES, "yes", "no"]
@@ -176,19 +176,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = run_arguments(__doc__, steps=6000, lr=5e-4, warmup=200, eval_every=250)
     parser.add_argument("--family", choices=("lxmert", "visualbert"), required=True)
-    parser.add_argument("--out", required=True, help="the hf:DIR folder: weights, vocabulary, log, checkpoint")
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0, help="initialisation (the data streams are fixed)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--eval-scenes", type=int, default=500)
-    parser.add_argument("--workers", type=int, default=1, help="processes drawing training scenes (0: none)")
-    parser.add_argument("--config", help="architecture JSON (default configs/shapes-FAMILY.json)")
     return train(parser.parse_args(argv))
 
 
