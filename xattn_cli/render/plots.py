@@ -42,13 +42,19 @@ def quality_figure(result: dict) -> bytes:
 
 
 def _sanity_panel(axis, rows: list[dict], flag_at: float) -> None:
-    """Spearman ρ against the number of vision blocks randomised, one line per model × method."""
+    """Spearman ρ against the number of vision blocks randomised: a colour per method, a line style per model."""
+    from matplotlib import colormaps
+
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    styles = ("-", "--", ":", "-.")
     for row in rows:
         steps = np.arange(1, len(row["spearman"]) + 1)
-        axis.plot(steps, row["spearman"], marker=".", linestyle="--" if row["flagged"] else "-",
-                  label=f"{row['model']} · {row['method']}")
+        axis.plot(steps, row["spearman"], marker=".", color=colormaps["tab10"](methods.index(row["method"]) % 10),
+                  linestyle=styles[models.index(row["model"]) % len(styles)],
+                  label=f"{row['model']} · {row['method']}" + (" (flagged)" if row["flagged"] else ""))
     axis.axhline(flag_at, color="grey", linewidth=0.8, linestyle=":")
-    axis.set_title("sanity: Spearman ρ (dashed: flagged)", fontsize=9)
+    axis.set_title("sanity: Spearman ρ with trained maps", fontsize=9)
     axis.set_xlabel("vision blocks randomised from the top", fontsize=8)
     axis.set_ylim(-1, 1.05)
     axis.tick_params(labelsize=7)
