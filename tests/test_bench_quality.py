@@ -67,6 +67,17 @@ def test_cli_reads_a_dataset_folder(tmp_path):
     assert [(row["method"], row["targets"]) for row in saved["rows"]] == [("centre", shapes)]
 
 
+def test_a_label_the_classifier_lacks_is_a_usage_error(tmp_path):
+    export_dataset(tmp_path, 1, seed=0, size=32)
+    annotations = tmp_path / "annotations.jsonl"
+    record = json.loads(annotations.read_text())
+    record["objects"][0]["shape"] = "hexagon"
+    annotations.write_text(json.dumps(record) + "\n")
+    result = runner.invoke(app, ["bench", "quality", "--data", str(tmp_path), "--models", "shapes-vit"])
+    assert result.exit_code == 2
+    assert "unknown target 'hexagon'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_baseline_maps():
     centre = centre_map((64, 48))
     assert centre.shape == (48, 64)
