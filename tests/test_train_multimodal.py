@@ -57,8 +57,9 @@ def _fixed_batch_model(family, tmp_path):
         return list(model.parameters()), lambda: recipe.batch_loss(model, criterion, weights, batch)[0]
     adapter = recipe.build_adapter(cfg, family, recipe.write_tokenizer(tmp_path))
     batch = recipe.training_batch(0, 8, adapter.regions, cfg["image_size"])
-    parameters = list(adapter.model.parameters()) + list(adapter.regions.stem.parameters())
-    return parameters, lambda: recipe.batch_loss(adapter, batch)[0]
+    head = recipe.cell_head(adapter.regions.stem)
+    parameters = [*adapter.model.parameters(), *adapter.regions.stem.parameters(), *head.parameters()]
+    return parameters, lambda: recipe.batch_loss(adapter, head, 0.5, batch)[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,3 +138,16 @@ def test_exact_matcher_finds_the_cheapest_assignment():
     targets = [{"class_labels": torch.tensor([3, 5]), "boxes": boxes[0, [7, 2]].clone()}]
     [(queries, objects)] = ExactMatcher(config)({"logits": logits, "pred_boxes": boxes}, targets)
     assert queries.tolist() == [7, 2] and objects.tolist() == [0, 1]
+
+
+def test_cell_labels_name_the_object_under_each_cell():
+    from xattn_cli.train.shapes_vqa import cell_labels
+    from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
+
+    scene = scene_at(3, 0, size=64, n_objects=1)
+    [obj] = scene.objects
+    labels = cell_labels(scene, (8, 8)).view(8, 8, 2)
+    centre = ((obj.box[1] + obj.box[3]) // 16, (obj.box[0] + obj.box[2]) // 16)
+    far = (0 if centre[0] >= 4 else 7, 0 if centre[1] >= 4 else 7)
+    assert labels[centre].tolist() == [SHAPES.index(obj.shape), COLORS.index(obj.color)]
+    assert labels[far].tolist() == [len(SHAPES), len(COLORS)]

@@ -5,7 +5,8 @@ answering the shapes world's questions (seeded, resumable).
 
 Each training scene (stream seed 3, 1–4 objects, 64 px) contributes one of its questions ("what colour is the
 star?", "what shape is red?", "is there a green cross?"); the answers are the six colours, the six shapes, yes
-and no (cross-entropy over the 14). Visual tokens: a small CNN (`GridStem`, trained with the model) gives one
+and no (cross-entropy over the 14), plus an auxiliary per-cell shape and colour loss on the stem (its head is
+dropped after training). Visual tokens: a small CNN (`GridStem`, trained with the model) gives one
 feature per cell of an 8×8 grid, with the cell's normalised box (`StemGridRegions`). Questions use a word-level
 vocabulary (`vocab.txt`, BERT special tokens + the world's words). Held out: every question of the first
 `--eval-scenes` scenes of stream seed 12000; the metric is answer accuracy.
@@ -78,17 +79,34 @@ def build_adapter(cfg: dict, family: str, tokenizer):
                          name=f"shapes-{family}")
 
 
+def cell_labels(scene, grid: tuple[int, int]) -> torch.Tensor:
+    """Per grid cell, row-major: the shape and colour index of the object that covers most of the cell, if it
+    covers at least a quarter of it; else 6, 6 (background). (R, 2)."""
+    rows, cols = grid
+    width, height = scene.size
+    masks = np.stack([o.mask for o in scene.objects])  # (N, H, W)
+    coverage = masks.reshape(len(masks), rows, height // rows, cols, width // cols).mean(axis=(2, 4))  # (N, rows, cols)
+    coverage = coverage.reshape(len(masks), rows * cols)  # (N, R)
+    best, covered = coverage.argmax(axis=0), coverage.max(axis=0) >= 0.25  # (R,), (R,)
+    shapes = np.array([SHAPES.index(o.shape) for o in scene.objects])[best]  # (R,)
+    colours = np.array([COLORS.index(o.color) for o in scene.objects])[best]  # (R,)
+    labels = np.stack([np.where(covered, shapes, len(SHAPES)), np.where(covered, colours, len(COLORS))], axis=1)
+    return torch.from_numpy(labels)  # (R, 2)
+
+
 def training_batch(step: int, batch_size: int, source: GridRegions, size: int):
-    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1, one question of each, answer indices (B,)."""
+    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1, one question of each, answer indices (B,), and
+    the cells' shape and colour labels (B, R, 2)."""
     rng = np.random.default_rng([TRAIN_SEED, step, 7])
-    images, questions, answers = [], [], []
+    images, questions, answers, cells = [], [], [], []
     for index in range(step * batch_size, (step + 1) * batch_size):
         scene = scene_at(TRAIN_SEED, index, size=size)
         qa = scene.qa[int(rng.integers(len(scene.qa)))]
         images.append(scene.image)
         questions.append(qa["question"])
         answers.append(ANSWERS.index(qa["answer"]))
-    return source.pixels(images), questions, torch.tensor(answers)
+        cells.append(cell_labels(scene, source.grid))
+    return source.pixels(images), questions, torch.tensor(answers), torch.stack(cells)
 
 
 def answer_logits(adapter, features: torch.Tensor, questions: list[str]) -> torch.Tensor:
@@ -97,10 +115,21 @@ def answer_logits(adapter, features: torch.Tensor, questions: list[str]) -> torc
     return adapter.answer_logits(adapter.tokenize(questions), regions)
 
 
-def batch_loss(adapter, batch) -> tuple[torch.Tensor, dict]:
-    pixels, questions, answers = batch
-    features = adapter.regions.stem(pixels.to(adapter.device))  # (B, R, D)
-    return F.cross_entropy(answer_logits(adapter, features, questions), answers.to(adapter.device)), {}
+def cell_head(stem: GridStem) -> torch.nn.Linear:
+    """The auxiliary head (training only) that reads each cell's shape and colour, 7 classes each, off the stem."""
+    return torch.nn.Linear(stem.dim, 2 * (len(SHAPES) + 1))
+
+
+def batch_loss(adapter, head: torch.nn.Linear, cell_weight: float, batch) -> tuple[torch.Tensor, dict]:
+    """Answer cross-entropy plus `cell_weight` × the cells' shape and colour cross-entropy: a dense signal that
+    teaches the stem shapes early (DESIGN §7: shape is learnt far more slowly than colour)."""
+    pixels, questions, answers, cells = batch
+    device = adapter.device
+    features = adapter.regions.stem(pixels.to(device))  # (B, R, D)
+    answer = F.cross_entropy(answer_logits(adapter, features, questions), answers.to(device))
+    cell_logits = head(features).unflatten(-1, (2, len(SHAPES) + 1))  # (B, R, 2, 7)
+    cell = F.cross_entropy(cell_logits.flatten(0, 2), cells.to(device).flatten())
+    return answer + cell_weight * cell, {"answer": round(answer.item(), 4), "cells": round(cell.item(), 4)}
 
 
 class HeldOut:
@@ -162,15 +191,17 @@ def train(args: argparse.Namespace) -> dict:
     adapter.model.train()
     source, size = adapter.regions, cfg["image_size"]
     source.stem.to(args.device)
-    parameters = list(adapter.model.parameters()) + list(source.stem.parameters())
+    head = cell_head(source.stem).to(args.device)
+    parameters = [*adapter.model.parameters(), *source.stem.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
-    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem}, optimizer)
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem, "cell_head": head},
+                            optimizer)
     start = checkpoint.restore()
     held_out = HeldOut(source, args.eval_scenes, size)
     grid = GridRegions(source.grid, source.cell)  # the stem's input pixels, drawn without the stem
     batches = step_loader(partial(training_batch, batch_size=args.batch_size, source=grid, size=size), start,
                           args.workers)
-    fit(batches, partial(batch_loss, adapter), optimizer, checkpoint, partial(evaluate, adapter, held_out),
+    fit(batches, partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint, partial(evaluate, adapter, held_out),
         out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every)
     return export(adapter, cfg, held_out, out, args)
 
@@ -178,6 +209,7 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = run_arguments(__doc__, steps=6000, lr=5e-4, warmup=200, eval_every=250)
     parser.add_argument("--family", choices=("lxmert", "visualbert"), required=True)
+    parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the cells' shape/colour loss")
     return train(parser.parse_args(argv))
 
 
