@@ -51,10 +51,11 @@ def _fixed_batch_model(family, tmp_path):
     recipe, cfg = _recipe(family), TINY[family]
     torch.manual_seed(0)
     if family == "detr":
-        model = recipe.build_model(cfg)
+        model, head = recipe.build_model(cfg), recipe.cell_head(cfg)
         criterion, weights = recipe.set_loss(model.config)
-        batch = recipe.training_batch(0, 8, cfg["image_size"], **cfg["preprocess"])
-        return list(model.parameters()), lambda: recipe.batch_loss(model, criterion, weights, batch)[0]
+        batch = recipe.training_batch(0, 8, cfg["image_size"], **cfg["preprocess"], grid=recipe.backbone_grid(cfg))
+        parameters = [*model.parameters(), *head.parameters()]
+        return parameters, lambda: recipe.batch_loss(model, criterion, weights, head, 0.5, batch)[0]
     adapter = recipe.build_adapter(cfg, family, recipe.write_tokenizer(tmp_path))
     batch = recipe.training_batch(0, 8, adapter.regions, cfg["image_size"])
     head = recipe.cell_head(adapter.regions.stem)
@@ -141,7 +142,7 @@ def test_exact_matcher_finds_the_cheapest_assignment():
 
 
 def test_cell_labels_name_the_object_under_each_cell():
-    from xattn_cli.train.shapes_vqa import cell_labels
+    from xattn_cli.train import cell_labels
     from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
 
     scene = scene_at(3, 0, size=64, n_objects=1)

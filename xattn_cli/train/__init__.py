@@ -4,7 +4,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from xattn_cli.world.shapes import COLORS, SHAPES
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -119,3 +122,24 @@ def run_arguments(description: str, *, steps: int, lr: float, warmup: int, eval_
     parser.add_argument("--workers", type=int, default=1, help="processes drawing training scenes (0: none)")
     parser.add_argument("--config", help="architecture JSON (default: the model's file in configs/)")
     return parser
+
+
+def cell_labels(scene, grid: tuple[int, int]) -> torch.Tensor:
+    """Per grid cell, row-major: the shape and colour index of the object that covers most of the cell, if it
+    covers at least a quarter of it; else 6, 6 (background). (R, 2)."""
+    rows, cols = grid
+    width, height = scene.size
+    masks = np.stack([o.mask for o in scene.objects])  # (N, H, W)
+    coverage = masks.reshape(len(masks), rows, height // rows, cols, width // cols).mean(axis=(2, 4))  # (N, rows, cols)
+    coverage = coverage.reshape(len(masks), rows * cols)  # (N, R)
+    best, covered = coverage.argmax(axis=0), coverage.max(axis=0) >= 0.25  # (R,), (R,)
+    shapes = np.array([SHAPES.index(o.shape) for o in scene.objects])[best]  # (R,)
+    colours = np.array([COLORS.index(o.color) for o in scene.objects])[best]  # (R,)
+    labels = np.stack([np.where(covered, shapes, len(SHAPES)), np.where(covered, colours, len(COLORS))], axis=1)
+    return torch.from_numpy(labels)  # (R, 2)
+
+
+def cell_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of per-cell predictions (B, R, K · classes) against K labels per cell (B, R, K)."""
+    logits = logits.unflatten(-1, (labels.shape[-1], -1))  # (B, R, K, classes)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 2), labels.flatten())

@@ -7,7 +7,8 @@ A small ResNet backbone (no pretrained weights, every layer trained), a 2-layer 
 10 object queries, classes = the six shapes; scenes of stream seed 4 (1–4 objects, 64 px). The loss is HF's
 DETR set loss (`ImageLoss`: cross-entropy with the no-object class down-weighted, L1 and GIoU on normalised
 (cx, cy, w, h) boxes, the same on every decoder layer) over the matching HF's `HungarianMatcher` defines, solved
-exactly by `ExactMatcher` (HF's needs scipy). Held out: the first `--eval-scenes` scenes of stream seed 13000;
+exactly by `ExactMatcher` (HF's needs scipy), plus an auxiliary shape loss on each cell of the backbone's
+feature map (its head is dropped after training). Held out: the first `--eval-scenes` scenes of stream seed 13000;
 the metric is mAP@0.5 (`xattn_cli.eval.detection`), every query a detection scored by its best class.
 
 DIR ends up a `hf:DIR` folder: `config.json` + `model.safetensors` (fp16 where mAP holds),
@@ -29,7 +30,7 @@ from xattn_cli.config import CONFIG_DIR
 from xattn_cli.eval.detection import mean_average_precision
 from xattn_cli.models.base import normalize
 from xattn_cli.models.detr import DetrAdapter, boxes_to_pixels
-from xattn_cli.train import Checkpoint, fit, run_arguments, step_loader, storage_dtype
+from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, step_loader, storage_dtype
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 4, 13_000
@@ -41,9 +42,9 @@ def build_model(cfg: dict):
     which only makes sense for pretrained backbones)."""
     import transformers
 
-    config = transformers.DetrConfig(**cfg["hf_config"], backbone_config=transformers.ResNetConfig(**cfg["backbone_config"]),
-                                     num_labels=len(SHAPES), id2label=dict(enumerate(SHAPES)),
-                                     label2id={s: i for i, s in enumerate(SHAPES)})
+    backbone = transformers.ResNetConfig(**cfg["backbone_config"])
+    config = transformers.DetrConfig(**cfg["hf_config"], backbone_config=backbone, num_labels=len(SHAPES),
+                                     id2label=dict(enumerate(SHAPES)), label2id={s: i for i, s in enumerate(SHAPES)})
     model = transformers.DetrForObjectDetection(config)
     model.requires_grad_(True)
     return model
@@ -52,15 +53,30 @@ def build_model(cfg: dict):
 def scene_targets(scene) -> dict[str, torch.Tensor]:
     """HF DETR labels of one scene: class indices (N,) and normalised (cx, cy, w, h) boxes (N, 4)."""
     width, height = scene.size
-    corners = torch.tensor([o.box for o in scene.objects], dtype=torch.float32) / torch.tensor([width, height] * 2)  # (N, 4)
+    scale = torch.tensor([width, height] * 2, dtype=torch.float32)
+    corners = torch.tensor([o.box for o in scene.objects], dtype=torch.float32) / scale  # (N, 4)
     boxes = torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], dim=1)  # (N, 4)
     return {"class_labels": torch.tensor([SHAPES.index(o.shape) for o in scene.objects]), "boxes": boxes}
 
 
-def training_batch(step: int, batch_size: int, size: int, mean: list[float], std: list[float]):
-    """Normalised pixels (B, 3, H, W) of scenes step·B … step·B + B − 1 and their labels."""
+def backbone_grid(cfg: dict) -> tuple[int, int]:
+    """The (h, w) of the backbone's feature map: a ResNet's stem has stride 4 and each later stage halves."""
+    stride = 4 * 2 ** (len(cfg["backbone_config"]["hidden_sizes"]) - 1)
+    return cfg["image_size"] // stride, cfg["image_size"] // stride
+
+
+def training_batch(step: int, batch_size: int, size: int, mean: list[float], std: list[float],
+                   grid: tuple[int, int]):
+    """Normalised pixels (B, 3, H, W) of scenes step·B … step·B + B − 1, their labels, and the shape under
+    each cell of the backbone's feature map (B, R, 1)."""
     scenes = [scene_at(TRAIN_SEED, index, size=size) for index in range(step * batch_size, (step + 1) * batch_size)]
-    return normalize(np.stack([np.asarray(s.image) for s in scenes]), mean, std), [scene_targets(s) for s in scenes]
+    pixels = normalize(np.stack([np.asarray(s.image) for s in scenes]), mean, std)
+    return pixels, [scene_targets(s) for s in scenes], torch.stack([cell_labels(s, grid)[:, :1] for s in scenes])
+
+
+def cell_head(cfg: dict) -> torch.nn.Linear:
+    """The auxiliary head (training only) that reads the shape under each backbone cell (6 shapes + background)."""
+    return torch.nn.Linear(cfg["backbone_config"]["hidden_sizes"][-1], len(SHAPES) + 1)
 
 
 @lru_cache(maxsize=None)
@@ -108,12 +124,21 @@ def set_loss(config):
     return criterion, weights
 
 
-def batch_loss(model, criterion, weights: dict, batch) -> tuple[torch.Tensor, dict]:
-    """The set loss on the last decoder layer, plus on every earlier one when `auxiliary_loss` is on."""
-    pixels, targets = batch
+def batch_loss(model, criterion, weights: dict, head: torch.nn.Linear, cell_weight: float, batch
+               ) -> tuple[torch.Tensor, dict]:
+    """The set loss on the last decoder layer, plus on every earlier one when `auxiliary_loss` is on, plus
+    `cell_weight` × the cross-entropy of the shape under each backbone cell (DESIGN §7: a shape-first signal;
+    DETR's matched queries alone learn where objects are long before what they are)."""
+    pixels, targets, cells = batch
     device = model.device
     targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
-    output = model.model(pixel_values=pixels.to(device))
+    backbone, feature_maps = model.model.backbone.model, []
+    hook = backbone.register_forward_hook(lambda module, inputs, output: feature_maps.append(output.feature_maps[-1]))
+    try:
+        output = model.model(pixel_values=pixels.to(device))
+    finally:
+        hook.remove()
+    cell = cell_loss(head(feature_maps[0].flatten(2).transpose(1, 2)), cells.to(device))  # features (B, R, C)
     outputs = {"logits": model.class_labels_classifier(output.last_hidden_state),  # (B, Q, C + 1)
                "pred_boxes": model.bbox_predictor(output.last_hidden_state).sigmoid()}  # (B, Q, 4)
     if model.config.auxiliary_loss:
@@ -123,7 +148,8 @@ def batch_loss(model, criterion, weights: dict, batch) -> tuple[torch.Tensor, di
     parts = criterion(outputs, targets)
     loss = sum(value * weights[key.rsplit("_", 1)[0] if key not in weights else key]
                for key, value in parts.items() if key.startswith(LOSS_WEIGHTS))
-    return loss, {key: round(parts[key].item(), 4) for key in LOSS_WEIGHTS}
+    logged = {key: round(parts[key].item(), 4) for key in LOSS_WEIGHTS}
+    return loss + cell_weight * cell, {**logged, "cells": round(cell.item(), 4)}
 
 
 class HeldOut:
@@ -178,21 +204,24 @@ def train(args: argparse.Namespace) -> dict:
     adapter = DetrAdapter(build_model(cfg), name="shapes-detr", size=(size, size)).to(args.device)
     adapter.mean, adapter.std = mean, std
     model = adapter.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model}, optimizer)
+    head = cell_head(cfg).to(args.device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=1e-4)
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "cell_head": head}, optimizer)
     start = checkpoint.restore()
     criterion, weights = set_loss(model.config)
     held_out = HeldOut(args.eval_scenes, size, mean, std)
-    batches = step_loader(partial(training_batch, batch_size=args.batch_size, size=size, mean=mean, std=std), start,
-                          args.workers)
-    fit(batches, partial(batch_loss, model, criterion.to(args.device), weights), optimizer, checkpoint,
+    draw = partial(training_batch, batch_size=args.batch_size, size=size, mean=mean, std=std, grid=backbone_grid(cfg))
+    loss = partial(batch_loss, model, criterion.to(args.device), weights, head, args.cell_weight)
+    fit(step_loader(draw, start, args.workers), loss, optimizer, checkpoint,
         partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup,
         eval_every=args.eval_every)
     return export(adapter, cfg, held_out, out, args)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(run_arguments(__doc__, steps=20000, lr=3e-4, warmup=300, eval_every=500).parse_args(argv))
+    parser = run_arguments(__doc__, steps=20000, lr=3e-4, warmup=300, eval_every=500)
+    parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the backbone cells' shape loss")
+    return train(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

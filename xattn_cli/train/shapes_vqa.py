@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from xattn_cli.config import CONFIG_DIR
 from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions
 from xattn_cli.text import WordTokenizer
-from xattn_cli.train import Checkpoint, fit, run_arguments, step_loader, storage_dtype
+from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, step_loader, storage_dtype
 from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
 
 ANSWERS = [*COLORS, *SHAPES, "yes", "no"]
@@ -79,21 +79,6 @@ def build_adapter(cfg: dict, family: str, tokenizer):
                          name=f"shapes-{family}")
 
 
-def cell_labels(scene, grid: tuple[int, int]) -> torch.Tensor:
-    """Per grid cell, row-major: the shape and colour index of the object that covers most of the cell, if it
-    covers at least a quarter of it; else 6, 6 (background). (R, 2)."""
-    rows, cols = grid
-    width, height = scene.size
-    masks = np.stack([o.mask for o in scene.objects])  # (N, H, W)
-    coverage = masks.reshape(len(masks), rows, height // rows, cols, width // cols).mean(axis=(2, 4))  # (N, rows, cols)
-    coverage = coverage.reshape(len(masks), rows * cols)  # (N, R)
-    best, covered = coverage.argmax(axis=0), coverage.max(axis=0) >= 0.25  # (R,), (R,)
-    shapes = np.array([SHAPES.index(o.shape) for o in scene.objects])[best]  # (R,)
-    colours = np.array([COLORS.index(o.color) for o in scene.objects])[best]  # (R,)
-    labels = np.stack([np.where(covered, shapes, len(SHAPES)), np.where(covered, colours, len(COLORS))], axis=1)
-    return torch.from_numpy(labels)  # (R, 2)
-
-
 def training_batch(step: int, batch_size: int, source: GridRegions, size: int):
     """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1, one question of each, answer indices (B,), and
     the cells' shape and colour labels (B, R, 2)."""
@@ -127,8 +112,7 @@ def batch_loss(adapter, head: torch.nn.Linear, cell_weight: float, batch) -> tup
     device = adapter.device
     features = adapter.regions.stem(pixels.to(device))  # (B, R, D)
     answer = F.cross_entropy(answer_logits(adapter, features, questions), answers.to(device))
-    cell_logits = head(features).unflatten(-1, (2, len(SHAPES) + 1))  # (B, R, 2, 7)
-    cell = F.cross_entropy(cell_logits.flatten(0, 2), cells.to(device).flatten())
+    cell = cell_loss(head(features), cells.to(device))
     return answer + cell_weight * cell, {"answer": round(answer.item(), 4), "cells": round(cell.item(), 4)}
 
 
@@ -201,8 +185,9 @@ def train(args: argparse.Namespace) -> dict:
     grid = GridRegions(source.grid, source.cell)  # the stem's input pixels, drawn without the stem
     batches = step_loader(partial(training_batch, batch_size=args.batch_size, source=grid, size=size), start,
                           args.workers)
-    fit(batches, partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint, partial(evaluate, adapter, held_out),
-        out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every)
+    fit(batches, partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint,
+        partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup,
+        eval_every=args.eval_every)
     return export(adapter, cfg, held_out, out, args)
 
 
