@@ -83,6 +83,21 @@ def test_hf_clip_folder_loads_and_explains(tmp_path):
     assert [t.map.shape for t in targets] == [(40, 50), (40, 50)]
 
 
+def test_hf_folder_through_the_cli_keeps_stderr_quiet(tmp_path):
+    """transformers' loading progress bar would be noise on stderr, which is for xattn's own lines."""
+    import subprocess
+    import sys
+
+    from xattn_cli.world.shapes import scene_at
+
+    save_tiny_hf_clip(tmp_path / "hf-clip")
+    scene_at(1, 0, size=40).image.save(tmp_path / "scene.png")
+    completed = subprocess.run([sys.executable, "-m", "xattn_cli", "surgery", str(tmp_path / "scene.png"),
+                                "--text", "red", "--no-ensemble", "--model", f"hf:{tmp_path / 'hf-clip'}",
+                                "--out", str(tmp_path / "out"), "-f", "jsonl"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stderr == ""
+
+
 def test_resolve_splits_prefixes():
     assert resolve("openclip:ViT-B-16")[1] == "ViT-B-16"
     assert resolve("shapes-clip")[1] is None

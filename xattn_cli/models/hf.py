@@ -8,7 +8,22 @@ from xattn_cli.errors import UsageError
 
 
 def load_hf(location: str):
-    """A `save_pretrained` folder (or a hub repo id, when a network is there) as an adapter."""
+    """A `save_pretrained` folder (or a hub repo id, when a network is there) as an adapter.
+
+    transformers' loading progress bar is off meanwhile: stderr is for xattn's own lines.
+    """
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return _load_by_family(location)
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def _load_by_family(location: str):
     import transformers
 
     try:
