@@ -46,6 +46,13 @@ def input_gradients_only(model: torch.nn.Module, needed: bool = True) -> Iterato
         return
     handles = [m.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
                for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    with _gradients_with_hooks(model, handles):
+        yield
+
+
+@contextlib.contextmanager
+def _gradients_with_hooks(model: torch.nn.Module, handles: list) -> Iterator[None]:
+    """Gradients on and parameters frozen while the registered `handles` live; they are removed after."""
     try:
         with frozen_parameters(model), torch.enable_grad():
             yield
@@ -71,12 +78,8 @@ def gradients_from(model: torch.nn.Module, starts: Sequence[torch.nn.Module]) ->
     pixels: the gradients of that block's and every later attention map are unchanged. Parameters are frozen.
     """
     handles = [module.register_forward_pre_hook(_start_graph_here, with_kwargs=True) for module in starts]
-    try:
-        with frozen_parameters(model), torch.enable_grad():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _gradients_with_hooks(model, handles):
+        yield
 
 
 def first_gradient_sites(sites: Sequence, method: str, start_layers: dict[str, int]) -> list[torch.nn.Module]:
