@@ -37,12 +37,12 @@ def _recipe(family):
     return shapes_detr if family == "detr" else shapes_vqa
 
 
-def _run(family, tmp_path, out, steps=4):
+def _run(family, tmp_path, out, steps=5):
     config = tmp_path / f"{family}.json"
     config.write_text(json.dumps(TINY[family]))
     family_args = [] if family == "detr" else ["--family", family]
     return _recipe(family).main(family_args + ["--out", str(out), "--steps", str(steps), "--batch-size", "4",
-                                               "--eval-every", "1", "--eval-scenes", "4", "--warmup", "2",
+                                               "--eval-every", "2", "--eval-scenes", "4", "--warmup", "2",
                                                "--workers", "0", "--config", str(config)])
 
 
@@ -90,21 +90,23 @@ def test_killed_run_resumes_to_the_same_weights_and_loads_as_hf_folder(tmp_path,
     straight = _run(family, tmp_path, tmp_path / "straight")
     original, calls = recipe.batch_loss, []
 
-    def dies_at_step_3(*args):
+    def dies_at_step_4(*args):  # after step 3 was logged, but the last checkpoint is step 2's
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(recipe, "batch_loss", dies_at_step_3)
+    monkeypatch.setattr(recipe, "batch_loss", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         _run(family, tmp_path, tmp_path / "resumed")
     monkeypatch.setattr(recipe, "batch_loss", original)
+    killed_log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in killed_log] == [0, 1, 2, 3]
     resumed = _run(family, tmp_path, tmp_path / "resumed")
 
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("straight", "resumed")]
-    assert [e["step"] for e in logs[1]] == [0, 1, 2, 3]
+    assert [e["step"] for e in logs[1]] == [0, 1, 2, 3, 4]  # step 3 replayed once, its stale line dropped
     assert [e["loss"] for e in logs[0]] == [e["loss"] for e in logs[1]]
     assert all(math.isfinite(e["loss"]) for e in logs[0])
     weights = [load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "resumed")]

@@ -59,16 +59,19 @@ class Checkpoint:
         temporary.replace(self.path)
 
 
-def fit(batches, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_path, *, steps: int, lr: float,
-        warmup: int, eval_every: int) -> None:
-    """The loop of a seeded, resumable recipe. `batches` yields (step, batch) from the resumed step on;
-    `loss_fn(batch)` gives the loss and a dict of named parts to log. Every `eval_every` steps and at the last,
-    `evaluate()` adds held-out metrics to that step's log line and the checkpoint is saved. One JSON line per
-    step is appended to `log_path`; gradients are clipped to norm 1."""
+def fit(make_batch, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_path: Path, *, steps: int, lr: float,
+        warmup: int, eval_every: int, workers: int) -> None:
+    """The loop of a seeded, resumable recipe: resume from `checkpoint`, then train on `make_batch(step)` (drawn in
+    `workers` processes) up to `steps`. `loss_fn(batch)` gives the loss and a dict of named parts to log. Every
+    `eval_every` steps and at the last, `evaluate()` adds held-out metrics to that step's log line and the
+    checkpoint is saved. One JSON line per step goes to `log_path` (the lines of steps a resumed run replays are
+    dropped first); gradients are clipped to norm 1."""
+    start = checkpoint.restore()
+    keep_log_before(log_path, start)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     began = time.time()
     with open(log_path, "a") as log:
-        for step, batch in batches:
+        for step, batch in step_loader(make_batch, start, workers):
             if step >= steps:
                 break
             for group in optimizer.param_groups:
@@ -84,6 +87,13 @@ def fit(batches, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_path,
                 checkpoint.save(step)
             log.write(json.dumps(record) + "\n")
             log.flush()
+
+
+def keep_log_before(log_path: Path, step: int) -> None:
+    """Drop the JSON lines of `step` and later from the log, if there is one."""
+    if log_path.exists():
+        lines = log_path.read_text().splitlines(keepends=True)
+        log_path.write_text("".join(line for line in lines if json.loads(line)["step"] < step))
 
 
 def storage_dtype(modules: list[torch.nn.Module], evaluate, metric: str, tolerance: float = 0.005

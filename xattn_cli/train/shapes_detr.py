@@ -30,7 +30,7 @@ from xattn_cli.config import CONFIG_DIR
 from xattn_cli.eval.detection import mean_average_precision
 from xattn_cli.models.base import normalize
 from xattn_cli.models.detr import DetrAdapter, boxes_to_pixels
-from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, step_loader, storage_dtype
+from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, storage_dtype
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 4, 13_000
@@ -207,14 +207,12 @@ def train(args: argparse.Namespace) -> dict:
     head = cell_head(cfg).to(args.device)
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=1e-4)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "cell_head": head}, optimizer)
-    start = checkpoint.restore()
     criterion, weights = set_loss(model.config)
     held_out = HeldOut(args.eval_scenes, size, mean, std)
     draw = partial(training_batch, batch_size=args.batch_size, size=size, mean=mean, std=std, grid=backbone_grid(cfg))
     loss = partial(batch_loss, model, criterion.to(args.device), weights, head, args.cell_weight)
-    fit(step_loader(draw, start, args.workers), loss, optimizer, checkpoint,
-        partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup,
-        eval_every=args.eval_every)
+    fit(draw, loss, optimizer, checkpoint, partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps,
+        lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, workers=args.workers)
     return export(adapter, cfg, held_out, out, args)
 
 

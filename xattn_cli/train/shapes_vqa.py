@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from xattn_cli.config import CONFIG_DIR
 from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions
 from xattn_cli.text import WordTokenizer
-from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, step_loader, storage_dtype
+from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, storage_dtype
 from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
 
 ANSWERS = [*COLORS, *SHAPES, "yes", "no"]
@@ -180,14 +180,12 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem, "cell_head": head},
                             optimizer)
-    start = checkpoint.restore()
     held_out = HeldOut(source, args.eval_scenes, size)
     grid = GridRegions(source.grid, source.cell)  # the stem's input pixels, drawn without the stem
-    batches = step_loader(partial(training_batch, batch_size=args.batch_size, source=grid, size=size), start,
-                          args.workers)
-    fit(batches, partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint,
+    fit(partial(training_batch, batch_size=args.batch_size, source=grid, size=size),
+        partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint,
         partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup,
-        eval_every=args.eval_every)
+        eval_every=args.eval_every, workers=args.workers)
     return export(adapter, cfg, held_out, out, args)
 
 
