@@ -677,6 +677,23 @@ def test_clip_batch_equals_single_runs(clip_adapters, kind, start_layer):
     _assert_same(batched, single, tokens=True)
 
 
+@pytest.mark.parametrize("kind", ["openclip", "hf-clip"])
+@pytest.mark.parametrize("method", ["chefer", "rollout"])
+def test_text_tower_runs_once_per_text(clip_adapters, kind, method):
+    """One text pass per text, widened to the batch at the start block (the maps are checked above)."""
+    from xattn_cli.explainers.relevancy import ClipRelevancy
+
+    adapter = clip_adapters[kind]
+    batch_sizes = []
+    tokenize = adapter.tokenize
+    adapter.tokenize = lambda texts: (batch_sizes.append(len(texts)), tokenize(texts))[1]
+    try:
+        ClipRelevancy(adapter, TEXTS, method=method).explain(_images()[:3])
+    finally:
+        del adapter.tokenize  # the class's method again
+    assert batch_sizes == [1] * len(TEXTS)
+
+
 # ------------------------------------------------------------------------------------------------
 # the model is left as it was (and exceptions propagate)
 # ------------------------------------------------------------------------------------------------

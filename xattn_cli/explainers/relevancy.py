@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -61,23 +62,34 @@ def _gradients_with_hooks(model: torch.nn.Module, handles: list) -> Iterator[Non
             handle.remove()
 
 
-def _start_graph_here(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook: the module's hidden-state input becomes a fresh leaf that requires grad."""
+def _start_graph_here(_module: torch.nn.Module, args: tuple, kwargs: dict, *,
+                      batch_size: int | None = None) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: the module's hidden-state input becomes a fresh leaf that requires grad.
+
+    With `batch_size`, a batch-1 input (one text, the same for every image) is widened to the batch here, so
+    the blocks below run once and each sample still gets its own gradient from this block on.
+    """
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not torch.is_tensor(hidden):
         return None
-    start = hidden.detach().requires_grad_(True)
+    start = hidden.detach()
+    if batch_size is not None and start.shape[0] == 1 < batch_size:
+        start = start.expand(batch_size, *start.shape[1:]).clone()  # (1, L, D) → (B, L, D)
+    start.requires_grad_(True)
     swap = lambda value: start if value is hidden else value  # noqa: E731  (q, k and v may be one tensor)
     return tuple(swap(value) for value in args), {key: swap(value) for key, value in kwargs.items()}
 
 
 @contextlib.contextmanager
-def gradients_from(model: torch.nn.Module, starts: Sequence[torch.nn.Module]) -> Iterator[None]:
+def gradients_from(model: torch.nn.Module, starts: Sequence[torch.nn.Module],
+                   batch_size: int | None = None) -> Iterator[None]:
     """The autograd graph begins at the input of each module in `starts` (per stream, the first attention
     block whose gradient a method uses), so each backward pass stops there instead of running down to the
     pixels: the gradients of that block's and every later attention map are unchanged. Parameters are frozen.
+    With `batch_size`, batch-1 inputs are widened there (`_start_graph_here`).
     """
-    handles = [module.register_forward_pre_hook(_start_graph_here, with_kwargs=True) for module in starts]
+    hook = functools.partial(_start_graph_here, batch_size=batch_size)
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in starts]
     with _gradients_with_hooks(model, handles):
         yield
 
@@ -94,12 +106,12 @@ def first_gradient_sites(sites: Sequence, method: str, start_layers: dict[str, i
     return modules
 
 
-def method_gradients(method: str, model: torch.nn.Module, sites: Sequence,
-                     start_layers: dict[str, int]) -> contextlib.AbstractContextManager:
+def method_gradients(method: str, model: torch.nn.Module, sites: Sequence, start_layers: dict[str, int],
+                     batch_size: int | None = None) -> contextlib.AbstractContextManager:
     """no_grad for gradient-free methods; else a graph from the first block the method reads."""
     if not NEEDS_GRADIENTS[method]:
         return torch.no_grad()
-    return gradients_from(model, first_gradient_sites(sites, method, start_layers))
+    return gradients_from(model, first_gradient_sites(sites, method, start_layers), batch_size)
 
 
 def relevance_map(patch_relevance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, bool]:
@@ -219,23 +231,33 @@ class ClipRelevancy:
     def meta(self) -> dict[str, Any]:
         return {"start_layer": self.start_layers["vision"], "precision": self.precision}
 
+    def _encode_text(self, text: str, batch_size: int, recording) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B or 1, E) normalised embedding and the tokens. The tower runs once for the text; gradient methods
+        widen it to the batch at their start block, and where a tower cannot be widened it runs per image."""
+        recording.drop("text")
+        tokens = self.adapter.tokenize([text])  # (1, L)
+        with autocast(str(self.adapter.device), self.precision):
+            embedding = self.adapter.encode_tokens(tokens)
+        if NEEDS_GRADIENTS[self.method] and embedding.shape[0] != batch_size:
+            recording.drop("text")
+            tokens = self.adapter.tokenize([text] * batch_size)  # (B, L)
+            with autocast(str(self.adapter.device), self.precision):
+                embedding = self.adapter.encode_tokens(tokens)
+        return F.normalize(embedding.float(), dim=-1), tokens
+
     def explain(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
         adapter = self.adapter
         pixels = adapter.preprocess(images, adapter.native_size)
         needs_gradients = NEEDS_GRADIENTS[self.method]
         grid = adapter.grid(adapter.native_size)
         results: list[list[TargetMap]] = [[] for _ in images]
-        with method_gradients(self.method, adapter.model, self.sites, self.start_layers), \
+        with method_gradients(self.method, adapter.model, self.sites, self.start_layers, len(images)), \
                 AttentionRecorder(self.sites) as recording:
             with autocast(str(adapter.device), self.precision):
                 image_embedding = adapter.encode_image(pixels)
             image_embedding = F.normalize(image_embedding.float(), dim=-1)  # (B, E)
             for k, text in enumerate(self.texts):
-                recording.drop("text")
-                batch = adapter.tokenize([text] * len(images))
-                with autocast(str(adapter.device), self.precision):
-                    text_embedding = adapter.encode_tokens(batch)
-                text_embedding = F.normalize(text_embedding.float(), dim=-1)  # (B, E)
+                text_embedding, tokens = self._encode_text(text, len(images), recording)
                 similarity = (image_embedding * text_embedding).sum(dim=-1)  # (B,)
                 if not torch.isfinite(similarity).all():
                     raise ItemError("NonFiniteOutput", "the model produced non-finite embeddings")
@@ -245,15 +267,15 @@ class ClipRelevancy:
                                                    self.start_layers["vision"])
                 text_relevance = stream_relevance(self.method, recording.select(stream="text"),
                                                   self.start_layers["text"])
-                pooled = adapter.pooled_index(batch)
-                words = adapter.token_words(batch, 0)
+                text_relevance = text_relevance.expand(len(images), -1, -1)  # (B, L, L); gradient-free: one text pass
+                end = int(adapter.pooled_index(tokens)[0])
+                words = adapter.token_words(tokens, 0)
                 for i, image in enumerate(images):
                     heat, degenerate = relevance_map(image_relevance[i, 0, 1:], grid, (image.height, image.width))
-                    end = int(pooled[i])
                     row = text_relevance[i, end, 1:end]  # the pooled row, start and end tokens dropped
                     row = row / row.sum() if float(row.sum()) > 0 else row
-                    tokens = [{"token": w, "relevance": round(float(r), 6)} for w, r in zip(words[1:end], row)]
-                    results[i].append(TargetMap(text, float(similarity[i].detach()), heat, degenerate, {"tokens": tokens}))
+                    entries = [{"token": w, "relevance": round(float(r), 6)} for w, r in zip(words[1:end], row)]
+                    results[i].append(TargetMap(text, float(similarity[i].detach()), heat, degenerate, {"tokens": entries}))
         return results
 
 
