@@ -121,6 +121,7 @@ def test_killed_run_resumes_to_the_same_weights_and_loads_as_hf_folder(tmp_path,
         assert len(targets) == TINY["detr"]["hf_config"]["num_queries"]
         assert adapter.labels == ["circle", "square", "triangle", "star", "cross", "ring"]
     else:
+        assert type(adapter.regions).__name__ == "StemGridRegions" and adapter.regions.grid == (4, 4)
         [targets] = VqaRelevancy(adapter, ["what colour is the star?"]).explain(images)
         assert targets[0].extra["answer"] in adapter.answers and len(adapter.answers) == 14
         assert "[UNK]" not in [t["token"] for t in targets[0].extra["tokens"]]

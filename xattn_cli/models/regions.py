@@ -1,8 +1,9 @@
 """Visual tokens for region-feature models (LXMERT, VisualBERT): features + boxes per image.
 
 Two sources: `GridRegions` cuts the image into a grid of cells (the bundled shapes-* models are trained on
-these), and `NpzRegions` reads boxes and features computed elsewhere (e.g. a bottom-up-attention Faster
-R-CNN for the public checkpoints) from one `.npz` file:
+these; `StemGridRegions` gives each cell the feature of a small trained CNN instead of its raw pixels), and
+`NpzRegions` reads boxes and features computed elsewhere (e.g. a bottom-up-attention Faster R-CNN for the public
+checkpoints) from one `.npz` file:
 
     names     (K,)        image file stems
     features  (K, R, D)   float, R regions per image (pad with zeros)
@@ -119,7 +120,8 @@ class StemGridRegions(GridRegions):
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> Regions:
-        return self.regions(self.stem(self.pixels(images)))  # features (B, R, D)
+        device = next(self.stem.parameters()).device
+        return self.regions(self.stem(self.pixels(images).to(device)))  # features (B, R, D)
 
 
 class NpzRegions:
