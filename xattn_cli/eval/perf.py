@@ -139,7 +139,7 @@ def bare_clip_forward(adapter, images: Sequence[Image.Image], precision: str) ->
 
 def bare_clip_backward(adapter, images: Sequence[Image.Image], texts: Sequence[str],
                        precision: str) -> Callable[[], None]:
-    """The autograd work of CLIP relevancy (one backward per text), nothing recorded."""
+    """The forward passes of CLIP relevancy and one full backward per text (to the pixels), nothing recorded."""
     device = str(adapter.device)
 
     def run() -> None:
@@ -183,8 +183,9 @@ def surgery_loop(adapter, images: Sequence[Image.Image], texts: Sequence[str], *
 
 def relevancy_loop(adapter, images: Sequence[Image.Image], texts: Sequence[str], method: str) -> Callable[[], None]:
     """The official notebooks' procedure, one image at a time in fp32: CLIP repeats the image once per text
-    and runs one forward and one backward of the diagonal similarities; a classifier backpropagates its top
-    logit. Backward passes reach every parameter (`model.zero_grad()`, `backward(retain_graph=True)`)."""
+    and runs one forward and one backward of the diagonal similarities; a classifier backpropagates the logit
+    the method row explains. Backward passes reach every parameter (`model.zero_grad()`,
+    `backward(retain_graph=True)`)."""
     sites = adapter.attention_sites()
     start_layer = max(site.layer for site in sites if site.stream == "vision") if texts else adapter.default_start_layer
 
@@ -202,6 +203,7 @@ def relevancy_loop(adapter, images: Sequence[Image.Image], texts: Sequence[str],
                 if NEEDS_GRADIENTS[method]:
                     score.backward(retain_graph=True)
                 token_relevance(method, recording.select(stream="vision"), start_layer)
+        adapter.model.zero_grad(set_to_none=True)
     return run
 
 
