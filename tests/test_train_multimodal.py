@@ -155,3 +155,28 @@ def test_cell_labels_name_the_object_under_each_cell():
     far = (0 if centre[0] >= 4 else 7, 0 if centre[1] >= 4 else 7)
     assert labels[centre].tolist() == [SHAPES.index(obj.shape), COLORS.index(obj.color)]
     assert labels[far].tolist() == [len(SHAPES), len(COLORS)]
+
+
+def _step_batch(step: int) -> int:
+    return step * 10
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_step_loader_yields_each_step_once_in_order(workers):
+    from xattn_cli.train import step_loader
+
+    drawn = []
+    for step, batch in step_loader(_step_batch, 5, workers):
+        drawn.append((step, batch))
+        if len(drawn) == 7:
+            break
+    assert drawn == [(step, step * 10) for step in range(5, 12)]
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_kill(tmp_path):
+    from xattn_cli.train import keep_log_before
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    keep_log_before(log, 2)
+    assert log.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'

@@ -24,10 +24,13 @@ class StepBatches(torch.utils.data.IterableDataset):
         self.make_batch, self.start_step = make_batch, start_step
 
     def __iter__(self):
-        step = self.start_step
+        """Worker k of n draws steps start + k, start + k + n, ...: the loader takes one from each in turn."""
+        worker = torch.utils.data.get_worker_info()
+        index, count = (worker.id, worker.num_workers) if worker else (0, 1)
+        step = self.start_step + index
         while True:
             yield step, self.make_batch(step)
-            step += 1
+            step += count
 
 
 def step_loader(make_batch, start_step: int, workers: int):
@@ -90,10 +93,18 @@ def fit(make_batch, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_pa
 
 
 def keep_log_before(log_path: Path, step: int) -> None:
-    """Drop the JSON lines of `step` and later from the log, if there is one."""
+    """Drop the JSON lines of `step` and later from the log, if there is one, and a line a kill cut short."""
     if log_path.exists():
         lines = log_path.read_text().splitlines(keepends=True)
-        log_path.write_text("".join(line for line in lines if json.loads(line)["step"] < step))
+        log_path.write_text("".join(line for line in lines if _logged_step(line) < step))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a complete log line; infinity (dropped) for a partial one."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def storage_dtype(modules: list[torch.nn.Module], evaluate, metric: str, tolerance: float = 0.005
