@@ -184,6 +184,8 @@ def test_image_missing_from_features_file_is_an_error_record(folders, images, tm
     ("lxmert-bare", ["--question", "what shape ?"], "--features"),
     ("lxmert", ["--question", "what shape ?", "--features", "missing.npz"], "cannot read region features"),
     ("lxmert", ["--question", "what shape ?", "--features", "{not_npz}"], "cannot read region features"),
+    ("lxmert", ["--question", "what shape ?", "--features", "{truncated}"], "cannot read region features"),
+    ("lxmert", ["--question", "what shape ?", "--features", "{empty}"], "cannot read region features"),
     ("lxmert", ["--question", "what shape ?", "--answer", "purple"], "unknown answer"),
     ("lxmert", ["--question", "what shape ?", "--text", "a star"], "--text is for CLIP models"),
     ("lxmert", ["--question", "what shape ?", "--method", "rollout"], "--method chefer only"),
@@ -195,14 +197,17 @@ def test_image_missing_from_features_file_is_an_error_record(folders, images, tm
     ("shapes-vit", ["--question", "what shape ?"], "--question is for VQA models"),
 ])
 def test_usage_errors_are_one_line(folders, images, tmp_path, family, args, message):
-    not_npz = tmp_path / "regions.npz"
+    not_npz, truncated, empty = tmp_path / "regions.npz", tmp_path / "truncated.npz", tmp_path / "empty.npz"
     not_npz.write_text("not an npz file")
+    np.savez(truncated, names=np.array(["a"]), features=np.zeros((1, 2, 4)), boxes=np.zeros((1, 2, 4)))
+    truncated.write_bytes(truncated.read_bytes()[:100])  # a download cut short
+    empty.write_bytes(b"")
     model = family if family == "shapes-vit" else f"hf:{folders[family]}"
-    args = [arg.format(not_npz=not_npz) for arg in args]
+    args = [arg.format(not_npz=not_npz, truncated=truncated, empty=empty) for arg in args]
     result = invoke(tmp_path, images[0], "--model", model, *args)
     assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("xattn: error:")]
-    assert len(errors) == 1 and message in errors[0]  # other stderr lines: transformers' loading bar
+    (error,) = result.stderr.splitlines()
+    assert error.startswith("xattn: error:") and message in error
     assert "Traceback" not in result.output
     assert not (tmp_path / "out" / "results.jsonl").exists()
 

@@ -12,6 +12,8 @@ checkpoints) from one `.npz` file:
 """
 from __future__ import annotations
 
+import zipfile
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -129,12 +131,13 @@ class NpzRegions:
 
     def __init__(self, path: str | Path):
         try:
-            data = np.load(path, allow_pickle=False)
-            names = [str(n) for n in data["names"]]
-            features, boxes = data["features"].astype(np.float32), data["boxes"].astype(np.float32)
-            counts = data["counts"] if "counts" in data else np.full(len(names), features.shape[1])
-        except (OSError, KeyError, ValueError) as error:
-            raise UsageError(f"cannot read region features from {str(path)!r}: {error}") from None
+            with np.load(path, allow_pickle=False) as data:
+                names = [str(n) for n in data["names"]]
+                features, boxes = data["features"].astype(np.float32), data["boxes"].astype(np.float32)
+                counts = data["counts"] if "counts" in data else np.full(len(names), features.shape[1])
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"cannot read region features from {str(path)!r}: {detail}") from None
         if features.ndim != 3 or boxes.shape != features.shape[:2] + (4,) or len(names) != len(features):
             raise UsageError(f"{path}: expected names (K,), features (K, R, D), boxes (K, R, 4)")
         self.index = {name: k for k, name in enumerate(names)}
