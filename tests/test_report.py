@@ -55,6 +55,18 @@ def test_missing_or_empty_folder_is_one_line_and_exit_2(tmp_path):
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name, text", [
+    ("quality.json", '{"benchmark": "quality", "rows": [{"model": "m"}]}'),
+    ("results.jsonl", '{"image": "a.png", "status": "ok", "targets": [{"overlay": "a__x.png"}]}\n'),
+])
+def test_files_not_laid_out_as_xattn_writes_them_are_one_line_and_exit_2(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert name in line and "not laid out as xattn writes it" in line
+
+
 def browser_paths():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")

@@ -15,7 +15,7 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
@@ -79,16 +79,26 @@ def build_report(folder: str | Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such folder")
-    sections = [_bench_section(path, run) for path, run in _bench_runs(folder)]
+    sections = [_laid_out(path, lambda path=path, run=run: _bench_section(path, run))
+                for path, run in _bench_runs(folder)]
     results = folder / RESULTS_FILE_NAME
     if results.is_file():
-        sections.append(_gallery(folder, list(latest_records(results).values())))
+        sections.append(_laid_out(results, lambda: _gallery(folder, list(latest_records(results).values()))))
     if not sections:
         raise UsageError(f"{folder}: nothing to report (no {RESULTS_FILE_NAME}, no `xattn bench quality --json` file)")
     title = f"xattn report: {folder.resolve().name}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_escape(title)}</title>'
             f'<link rel="icon" href="data:,"><style>{STYLE}</style></head>\n<body><h1>{_escape(title)}</h1>\n'
             + "\n".join(sections) + f"\n<script>{SORT_SCRIPT}</script></body></html>\n")
+
+
+def _laid_out(path: Path, render: Callable[[], str]) -> str:
+    """`render()`, with a file whose records lack what the page reads (hand-edited, another version) named
+    in a usage error."""
+    try:
+        return render()
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{path}: not laid out as xattn writes it ({type(error).__name__}: {error})") from None
 
 
 # --- benchmark runs ---------------------------------------------------------------------------------
