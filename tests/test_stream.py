@@ -71,3 +71,21 @@ def test_cli_with_workers_reports_bad_items_and_exits_1(tmp_path):
     assert sorted(r["image"] for r in lines) == sorted(paths)  # error records come out as soon as known
     assert {r["image"].rsplit("/", 1)[-1] for r in lines if r["status"] == "error"} == {"missing.png", "corrupt.png"}
     assert all(Image.open(r["targets"][0]["overlay"]).size == (40, 40) for r in lines if r["status"] == "ok")
+
+
+def test_workers_stop_when_the_run_stops_on_an_error(tmp_path):
+    import multiprocessing
+
+    import pytest
+
+    paths = mixed_folder(tmp_path / "imgs")
+    explainer = SurgeryExplainer(tiny_openclip(TINY_VIT), ["star"], ensemble=False)
+    runner = BatchRunner(explainer, tmp_path / "out", device="cpu", batch_size=2, workers=2)
+
+    def stop(record):
+        raise RuntimeError("the consumer failed")
+
+    with pytest.raises(RuntimeError) as caught:
+        runner.run(paths, on_record=stop)
+    assert caught.value.__traceback__ is not None  # the traceback (and its frames) is still alive here
+    assert multiprocessing.active_children() == []

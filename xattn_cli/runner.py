@@ -5,6 +5,7 @@ a bad image becomes an error record and the batch goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +77,12 @@ class BatchRunner:
             done = log.done_items() if resume else set()
             todo = [path for path in paths if path not in done]
             summary.skipped = len(paths) - len(todo)
-            for record in self._records(todo, namer):
-                log.append(record)
-                summary.ok += record["status"] == "ok"
-                summary.failed += record["status"] != "ok"
-                on_record(record)
+            with contextlib.closing(self._records(todo, namer)) as records:  # decoding workers stop with the run
+                for record in records:
+                    log.append(record)
+                    summary.ok += record["status"] == "ok"
+                    summary.failed += record["status"] != "ok"
+                    on_record(record)
         return summary
 
     def _records(self, paths: Sequence[str], namer: OutputNamer) -> Iterator[dict[str, Any]]:

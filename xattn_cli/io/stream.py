@@ -65,8 +65,12 @@ def decoded_images(paths: Sequence[str], max_pixels: int, workers: int, lookahea
         for path in paths:
             yield decode(path, max_pixels)
         return
-    context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # no re-import per worker
+    context = "fork" if sys.platform.startswith("linux") else None  # Linux: no re-import per worker
     loader = DataLoader(_DecodedImages(paths, max_pixels), batch_size=None, num_workers=workers,
                         collate_fn=_as_is, prefetch_factor=max(2, lookahead // workers),
                         multiprocessing_context=context, worker_init_fn=_die_with_parent)
-    yield from loader
+    stream = iter(loader)
+    try:
+        yield from stream
+    finally:
+        del stream  # the iterator's finaliser stops the workers now, not when a traceback is freed
