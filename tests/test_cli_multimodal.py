@@ -167,6 +167,18 @@ def test_features_file_gives_region_boxes_and_a_painted_map(folders, images, tmp
     assert_map_file(target, want.map)
 
 
+def test_precomputed_regions_need_the_image_names(folders, images, tmp_path):
+    from xattn_cli.explainers.multimodal import VqaRelevancy
+    from xattn_cli.models.regions import NpzRegions
+    from xattn_cli.models.registry import load_model
+
+    features = tmp_path / "regions.npz"
+    _write_features(features, ["first"])
+    explainer = VqaRelevancy(load_model(f"hf:{folders['lxmert-bare']}"), QUESTIONS[:1], regions=NpzRegions(features))
+    with pytest.raises(ValueError, match="names="):
+        explainer.explain([Image.open(images[0])])
+
+
 def test_image_missing_from_features_file_is_an_error_record(folders, images, tmp_path):
     features = tmp_path / "regions.npz"
     _write_features(features, ["first"])

@@ -16,7 +16,7 @@ from xattn_cli.methods.coattention import bimodal_relevance, encoder_decoder_rel
 from xattn_cli.methods.relevancy import self_attention_relevance
 from xattn_cli.methods.surgery import min_max
 from xattn_cli.models.detr import boxes_to_pixels, feature_grid
-from xattn_cli.models.regions import Regions, RegionSource, regions_to_map
+from xattn_cli.models.regions import NpzRegions, Regions, RegionSource, regions_to_map
 from xattn_cli.results import TargetMap
 
 DEFAULT_THRESHOLD = 0.5
@@ -93,7 +93,9 @@ class VqaRelevancy:
 
     def explain(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> list[list[TargetMap]]:
         adapter = self.adapter
-        names = list(names) or [getattr(image, "filename", "") or f"image{i}" for i, image in enumerate(images)]
+        if not names and isinstance(self.regions, NpzRegions):
+            raise ValueError("precomputed regions are looked up by file name: pass names= (the images' paths)")
+        names = list(names) or [f"image{i}" for i in range(len(images))]
         regions = self.regions(images, names).to(adapter.device)
         results: list[list[TargetMap]] = [[] for _ in images]
         for question in self.questions:
