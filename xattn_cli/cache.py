@@ -16,6 +16,9 @@ import torch
 
 from xattn_cli.io.outputs import atomic_write_bytes
 
+CACHE_FORMAT = 1
+"""Part of every cache file's name: raise it when how an entry is computed changes (the ensemble's averaging)."""
+
 
 def cache_root() -> Path | None:
     """`$XATTN_CACHE_DIR`, else `$XDG_CACHE_HOME/xattn`, else `~/.cache/xattn`; None when XATTN_CACHE_DIR is ''."""
@@ -46,7 +49,8 @@ class TextEmbeddingCache:
     """Embeddings of one text tower, loaded once and written back (atomically) when new ones appear."""
 
     def __init__(self, root: Path | None, model_fingerprint: str):
-        self.path = root / "text-embeddings" / f"{model_fingerprint[:32]}.safetensors" if root else None
+        name = f"{model_fingerprint[:32]}-v{CACHE_FORMAT}.safetensors"
+        self.path = root / "text-embeddings" / name if root else None
         self.entries = self._read()
 
     def _read(self) -> dict[str, torch.Tensor]:

@@ -207,12 +207,13 @@ def relevancy_loop(adapter, images: Sequence[Image.Image], texts: Sequence[str],
     return run
 
 
-def startup_seconds(command: Sequence[str], repeats: int = 5) -> float:
-    """Median wall time of a fresh process running `command`."""
+def startup_seconds(command: Sequence[str], repeats: int = 5) -> float | None:
+    """Median wall time of a fresh process running `command`; None if it fails."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run(command, capture_output=True, check=True)
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            return None
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -272,8 +273,9 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
         progress("measuring start-up")
         xattn_help = startup_seconds([sys.executable, "-m", "xattn_cli", "--help"])
         import_typer = startup_seconds([sys.executable, "-c", "import typer"])
-        result["startup"] = {"xattn_help_s": xattn_help, "import_typer_s": import_typer,
-                             "ratio": xattn_help / import_typer}
+        if xattn_help is not None and import_typer is not None:
+            result["startup"] = {"xattn_help_s": xattn_help, "import_typer_s": import_typer,
+                                 "ratio": xattn_help / import_typer}
     return result
 
 

@@ -233,7 +233,8 @@ class ClipRelevancy:
 
     def _encode_text(self, text: str, batch_size: int, recording) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B or 1, E) normalised embedding and the tokens. The tower runs once for the text; gradient methods
-        widen it to the batch at their start block, and where a tower cannot be widened it runs per image."""
+        widen it to the batch at their start block, and where a tower cannot be widened it runs again on B
+        copies of the text."""
         recording.drop("text")
         tokens = self.adapter.tokenize([text])  # (1, L)
         with autocast(str(self.adapter.device), self.precision):
