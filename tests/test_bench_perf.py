@@ -19,13 +19,21 @@ def test_clip_relevancy_rows_and_ratios(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     names = [row["name"] for row in data["rows"]]
-    assert names == ["bare forward+backward", "chefer", "batch-1 fp32 loop"]
-    assert [row["items"] for row in data["rows"]] == [2, 2, 1]  # batch × repeats; the loop: --loop-items
+    assert names == ["bare forward+backward", "chefer", "batch-1 fp32 loop", "bare, the method's own backward"]
+    assert [row["items"] for row in data["rows"]] == [2, 2, 1, 2]  # batch × repeats; the loop: --loop-items
     assert all(row["seconds"] > 0 and row["peak_mb"] >= 0 for row in data["rows"])
     speed = {row["name"]: row["items"] / row["seconds"] for row in data["rows"]}
     assert data["method_vs_bare"] == pytest.approx(speed["chefer"] / speed["bare forward+backward"])
+    assert data["method_vs_own_backward"] == pytest.approx(speed["chefer"] / speed["bare, the method's own backward"])
     assert data["texts"] == 2 and data["batch_size"] == 2 and data["startup"]["ratio"] > 0
     assert "chefer vs bare" in result.stdout
+
+
+def test_classifier_relevancy_has_its_own_backward_row():
+    result = runner.invoke(app, ["bench", "perf", "--model", "shapes-vit", "--batch-size", "2", "--loop-items", "1",
+                                 "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "bare, the method's own backward" in result.stdout and "nothing recorded" in result.stdout
 
 
 def test_surgery_rows_include_both_official_loops(tmp_path):

@@ -2,7 +2,9 @@
 
 Three rows per method, on the same images, batch size and precision:
 - `bare`: what the model costs anyway. Surgery: preprocessing and the image encoder. Relevancy: the same
-  forward and the same backward passes (one per target), with nothing recorded.
+  forward and one full backward pass per target, with nothing recorded; and a second row, `bare, the
+  method's own backward`, with exactly the explainer's autograd work (backward from its start blocks, the
+  text tower once per text) on the model's own attention path: the cost of recording and the rules.
 - the method, end to end as the CLI runs it (maps at image size included, files not written).
 - `batch-1 loop`: the official code's procedure, one image at a time in fp32. For surgery it comes twice:
   with the prompt ensemble re-encoded for every image (as the official demo runs it) and with it cached.
@@ -30,7 +32,7 @@ from xattn_cli.capture import AttentionRecorder
 
 from xattn_cli.errors import UsageError
 from xattn_cli.explainers.base import autocast
-from xattn_cli.explainers.relevancy import ClassifierRelevancy, ClipRelevancy, input_gradients_only
+from xattn_cli.explainers.relevancy import ClassifierRelevancy, ClipRelevancy, input_gradients_only, method_gradients
 from xattn_cli.explainers.surgery import SurgeryExplainer
 from xattn_cli.methods.relevancy import METHODS, NEEDS_GRADIENTS, token_relevance
 from xattn_cli.methods.surgery import text_ensemble
@@ -168,6 +170,31 @@ def bare_classifier_backward(adapter, images: Sequence[Image.Image], precision: 
     return run
 
 
+def bare_same_graph(adapter, explainer, images: Sequence[Image.Image], texts: Sequence[str],
+                    precision: str) -> Callable[[], None]:
+    """The autograd work the explainer itself does (backward from its start blocks, the text tower once per
+    text), on the model's own attention path, with nothing recorded: what recording and the rules add."""
+    device = str(adapter.device)
+    sites = adapter.attention_sites()
+    start_layers = explainer.start_layers if texts else {"vision": explainer.start_layer}
+
+    def run() -> None:
+        pixels = adapter.preprocess(images, adapter.native_size)  # (B, 3, H, W)
+        with method_gradients(explainer.method, adapter.model, sites, start_layers, len(images)):
+            with autocast(device, precision):
+                output = adapter.encode_image(pixels) if texts else adapter.classify(pixels)
+            if not texts:
+                output.float()[:, 0].sum().backward()
+                return
+            image_embedding = F.normalize(output.float(), dim=-1)  # (B, E)
+            for k, text in enumerate(texts):
+                with autocast(device, precision):
+                    text_embedding = adapter.encode_tokens(adapter.tokenize([text]))  # widened to (B, E)
+                similarity = (image_embedding * F.normalize(text_embedding.float(), dim=-1)).sum()
+                similarity.backward(retain_graph=k < len(texts) - 1)
+    return run
+
+
 def surgery_loop(adapter, images: Sequence[Image.Image], texts: Sequence[str], *, reencode: bool) -> Callable[[], None]:
     """One image at a time in fp32; with `reencode`, the 85-template ensemble is encoded for each image."""
     explainer = SurgeryExplainer(adapter, texts, text_cache=False)
@@ -256,6 +283,9 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
                      else ClassifierRelevancy(adapter, method=method, precision=precision, targets=[adapter.labels[0]]))
         explained = add(method, lambda: explainer.explain(images), batch_size)
         add("batch-1 fp32 loop", relevancy_loop(adapter, loop_images, texts, method), loop_items, loop=True)
+        if NEEDS_GRADIENTS[method]:
+            same_graph = add("bare, the method's own backward", bare_same_graph(adapter, explainer, images, texts,
+                                                                                precision), batch_size)
     else:
         raise UsageError(f"unknown method {method!r} (surgery, {', '.join(METHODS)})")
     loop = rows[2]
@@ -269,6 +299,8 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
     }
     if method == "surgery":
         result["method_vs_loop_reencoded"] = explained.items_per_s / rows[3].items_per_s
+    elif NEEDS_GRADIENTS[method]:
+        result["method_vs_own_backward"] = explained.items_per_s / same_graph.items_per_s
     if startup:
         progress("measuring start-up")
         xattn_help = startup_seconds([sys.executable, "-m", "xattn_cli", "--help"])
@@ -313,6 +345,9 @@ def format_perf(result: dict) -> str:
                      f"{row['seconds']:8.2f}")
     lines.append(f"{result['method']} vs bare: {result['method_vs_bare']:.2f}×   "
                  f"vs batch-1 loop: {result['method_vs_loop']:.1f}×")
+    if "method_vs_own_backward" in result:
+        lines.append(f"{result['method']} vs the same backward with nothing recorded: "
+                     f"{result['method_vs_own_backward']:.2f}×")
     if "method_vs_loop_reencoded" in result:
         lines.append(f"{result['method']} vs batch-1 loop re-encoding the ensemble: "
                      f"{result['method_vs_loop_reencoded']:.1f}×")
