@@ -94,12 +94,19 @@ def gradients_from(model: torch.nn.Module, starts: Sequence[torch.nn.Module],
         yield
 
 
+def first_gradient_layer(method: str, last_layer: int, start_layer: int) -> int:
+    """The first layer whose gradient `method` reads: attn-gradcam only the last, the others from `start_layer`."""
+    return last_layer if method == "attn-gradcam" else start_layer
+
+
 def first_gradient_sites(sites: Sequence, method: str, start_layers: dict[str, int]) -> list[torch.nn.Module]:
-    """Per stream, the module of the first layer whose gradient `method` reads (attn-gradcam: the last)."""
+    """Per stream, the module of the first layer whose gradient `method` reads."""
     modules = []
     for stream, start_layer in start_layers.items():
         layers = sorted((site.layer, index) for index, site in enumerate(sites) if site.stream == stream)
-        first = layers[-1][0] if method == "attn-gradcam" and layers else start_layer
+        if not layers:
+            continue
+        first = first_gradient_layer(method, layers[-1][0], start_layer)
         chosen = [index for layer, index in layers if layer >= first]
         if chosen:
             modules.append(sites[chosen[0]].module)
@@ -128,7 +135,7 @@ def stream_relevance(method: str, events: Sequence, start_layer: int) -> torch.T
     Layers below the first one a gradient method reads have no gradient (`gradients_from`) and are left out.
     """
     if NEEDS_GRADIENTS[method]:
-        first = max(event.layer for event in events) if method == "attn-gradcam" else start_layer
+        first = first_gradient_layer(method, max(event.layer for event in events), start_layer)
         events = [event for event in events if event.layer >= first]
     in_float32 = [dataclasses.replace(event, probs=event.probs.float(),
                                       grad=None if event.grad is None else event.grad.float()) for event in events]
