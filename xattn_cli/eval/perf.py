@@ -139,57 +139,35 @@ def bare_clip_forward(adapter, images: Sequence[Image.Image], precision: str) ->
     return run
 
 
-def bare_clip_backward(adapter, images: Sequence[Image.Image], texts: Sequence[str],
-                       precision: str) -> Callable[[], None]:
-    """The forward passes of CLIP relevancy and one full backward per text (to the pixels), nothing recorded."""
+def bare_backward(adapter, images: Sequence[Image.Image], texts: Sequence[str], precision: str,
+                  explainer=None) -> Callable[[], None]:
+    """One backward pass per target (CLIP: per text; a classifier: its first label), nothing recorded.
+
+    Without `explainer`: the model's full forward and backward, to the pixels, the text tower run on B copies of
+    each text. With it: exactly that explainer's autograd work (backward from its start blocks, the text tower
+    once per text), on the model's own attention path: what recording and the rules add is the difference.
+    """
     device = str(adapter.device)
+    if explainer is None:
+        gradients, text_copies = (lambda: input_gradients_only(adapter.model)), len(images)
+    else:
+        sites = adapter.attention_sites()
+        start_layers = explainer.start_layers if texts else {"vision": explainer.start_layer}
+        gradients = lambda: method_gradients(explainer.method, adapter.model, sites, start_layers, len(images))  # noqa: E731
+        text_copies = 1  # widened to the batch at the start block
 
     def run() -> None:
-        pixels = adapter.preprocess(images, adapter.native_size)  # (B, 3, H, W)
-        with input_gradients_only(adapter.model):
-            with autocast(device, precision):
-                image_embedding = adapter.encode_image(pixels.requires_grad_(True))
-            image_embedding = F.normalize(image_embedding.float(), dim=-1)  # (B, E)
-            for k, text in enumerate(texts):
-                with autocast(device, precision):
-                    text_embedding = adapter.encode_tokens(adapter.tokenize([text] * len(images)))
-                similarity = (image_embedding * F.normalize(text_embedding.float(), dim=-1)).sum()
-                similarity.backward(retain_graph=k < len(texts) - 1)
-    return run
-
-
-def bare_classifier_backward(adapter, images: Sequence[Image.Image], precision: str) -> Callable[[], None]:
-    device = str(adapter.device)
-
-    def run() -> None:
-        pixels = adapter.preprocess(images, adapter.native_size)  # (B, 3, H, W)
-        with input_gradients_only(adapter.model):
-            with autocast(device, precision):
-                logits = adapter.classify(pixels.requires_grad_(True)).float()  # (B, C)
-            logits[:, 0].sum().backward()  # one target per image, as the explainer is given
-    return run
-
-
-def bare_same_graph(adapter, explainer, images: Sequence[Image.Image], texts: Sequence[str],
-                    precision: str) -> Callable[[], None]:
-    """The autograd work the explainer itself does (backward from its start blocks, the text tower once per
-    text), on the model's own attention path, with nothing recorded: what recording and the rules add."""
-    device = str(adapter.device)
-    sites = adapter.attention_sites()
-    start_layers = explainer.start_layers if texts else {"vision": explainer.start_layer}
-
-    def run() -> None:
-        pixels = adapter.preprocess(images, adapter.native_size)  # (B, 3, H, W)
-        with method_gradients(explainer.method, adapter.model, sites, start_layers, len(images)):
+        pixels = adapter.preprocess(images, adapter.native_size).requires_grad_(explainer is None)  # (B, 3, H, W)
+        with gradients():
             with autocast(device, precision):
                 output = adapter.encode_image(pixels) if texts else adapter.classify(pixels)
             if not texts:
-                output.float()[:, 0].sum().backward()
+                output.float()[:, 0].sum().backward()  # one target per image, as the explainer is given
                 return
             image_embedding = F.normalize(output.float(), dim=-1)  # (B, E)
             for k, text in enumerate(texts):
                 with autocast(device, precision):
-                    text_embedding = adapter.encode_tokens(adapter.tokenize([text]))  # widened to (B, E)
+                    text_embedding = adapter.encode_tokens(adapter.tokenize([text] * text_copies))
                 similarity = (image_embedding * F.normalize(text_embedding.float(), dim=-1)).sum()
                 similarity.backward(retain_graph=k < len(texts) - 1)
     return run
@@ -275,17 +253,15 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
     elif method in METHODS:
         if not NEEDS_GRADIENTS[method]:
             bare = add("bare forward", _bare_forward(adapter, images, texts, precision), batch_size)
-        elif clip:
-            bare = add("bare forward+backward", bare_clip_backward(adapter, images, texts, precision), batch_size)
         else:
-            bare = add("bare forward+backward", bare_classifier_backward(adapter, images, precision), batch_size)
+            bare = add("bare forward+backward", bare_backward(adapter, images, texts, precision), batch_size)
         explainer = (ClipRelevancy(adapter, texts, method=method, precision=precision) if clip
                      else ClassifierRelevancy(adapter, method=method, precision=precision, targets=[adapter.labels[0]]))
         explained = add(method, lambda: explainer.explain(images), batch_size)
         add("batch-1 fp32 loop", relevancy_loop(adapter, loop_images, texts, method), loop_items, loop=True)
         if NEEDS_GRADIENTS[method]:
-            same_graph = add("bare, the method's own backward", bare_same_graph(adapter, explainer, images, texts,
-                                                                                precision), batch_size)
+            same_graph = add("bare, the method's own backward",
+                             bare_backward(adapter, images, texts, precision, explainer), batch_size)
     else:
         raise UsageError(f"unknown method {method!r} (surgery, {', '.join(METHODS)})")
     loop = rows[2]
