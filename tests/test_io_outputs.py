@@ -140,6 +140,21 @@ def test_results_log_appends_and_resumes(tmp_path: Path) -> None:
         assert log.done_items() == {"complete.png", "retried.png", "no-targets.png"}
 
 
+def test_resume_removes_only_the_temporaries_of_unfinished_writes(tmp_path: Path) -> None:
+    from xattn_cli.io.outputs import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "kept.png", b"done")
+    unfinished = tmp_path / ".scene__a-star.npy.0a1b2c3d.tmp"  # what a SIGKILL during a write leaves
+    unfinished.write_bytes(b"half")
+    users = [tmp_path / ".notes.tmp", tmp_path / "scene.0a1b2c3d.tmp", tmp_path / ".x.0A1B2C3D.tmp"]
+    for path in users:
+        path.write_bytes(b"")
+    with ResultsLog(tmp_path) as log:
+        assert log.remove_unfinished_writes() == 1
+    assert not unfinished.exists() and all(path.exists() for path in users)
+    assert (tmp_path / "kept.png").read_bytes() == b"done"
+
+
 def test_results_log_ignores_and_seals_a_truncated_last_line(tmp_path: Path) -> None:
     with ResultsLog(tmp_path) as log:
         log.append({"image": "a.png", "status": "ok"})

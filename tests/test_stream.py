@@ -89,3 +89,15 @@ def test_workers_stop_when_the_run_stops_on_an_error(tmp_path):
         runner.run(paths, on_record=stop)
     assert caught.value.__traceback__ is not None  # the traceback (and its frames) is still alive here
     assert multiprocessing.active_children() == []
+
+
+def test_resume_clears_a_killed_runs_unfinished_writes(tmp_path):
+    paths = mixed_folder(tmp_path / "imgs")[:2]
+    out = tmp_path / "out"
+    out.mkdir()
+    unfinished = out / ".0__star.png.deadbeef.tmp"
+    explainer = SurgeryExplainer(tiny_openclip(TINY_VIT), ["star"], ensemble=False)
+    for resume in (False, True):
+        unfinished.write_bytes(b"half")
+        BatchRunner(explainer, out, device="cpu", workers=0).run(paths, resume=resume)
+        assert unfinished.exists() is not resume  # only --resume clears them

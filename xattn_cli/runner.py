@@ -74,6 +74,8 @@ class BatchRunner:
         summary = RunSummary()
         namer = OutputNamer(paths)
         with ResultsLog(self.out_dir) as log:
+            if resume:
+                log.remove_unfinished_writes()  # a killed run's half-written files, never trusted, now gone
             done = log.done_items() if resume else set()
             todo = [path for path in paths if path not in done]
             summary.skipped = len(paths) - len(todo)

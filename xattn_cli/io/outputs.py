@@ -27,6 +27,8 @@ FILE_KEYS = ("overlay", "map")
 """Keys of a target entry that name an artifact file; --resume requires all present ones to exist."""
 
 _NOT_ALPHANUMERIC = re.compile(r"[\W_]+")
+_UNFINISHED_WRITE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+"""The temporary of an `_atomic_write` that a killed run never renamed into place."""
 _EXTENSION = re.compile(r"[a-z0-9]+")
 
 
@@ -52,7 +54,7 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None
     `mkstemp` so the final file gets the usual umask permissions instead of 0600.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # the form _UNFINISHED_WRITE matches
     try:
         with open(temporary, "xb") as file:
             write(file)
@@ -173,6 +175,14 @@ class ResultsLog:
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    def remove_unfinished_writes(self) -> int:
+        """Delete the hidden temporaries that writes cut short by a kill left in `out_dir`; how many."""
+        unfinished = [path for path in self.out_dir.iterdir()
+                      if path.is_file() and _UNFINISHED_WRITE.fullmatch(path.name)]
+        for path in unfinished:
+            path.unlink(missing_ok=True)
+        return len(unfinished)
 
     def done_items(self) -> set[str]:
         """Images whose latest record is "ok" and whose overlay/map files all still exist (for --resume).
