@@ -200,12 +200,12 @@ def test_image_missing_from_features_file_is_an_error_record(folders, images, tm
     ("lxmert", ["--question", "what shape ?", "--features", "{empty}"], "cannot read region features"),
     ("lxmert", ["--question", "what shape ?", "--answer", "purple"], "unknown answer"),
     ("lxmert", ["--question", "what shape ?", "--text", "a star"], "--text is for CLIP models"),
-    ("lxmert", ["--question", "what shape ?", "--method", "rollout"], "--method chefer only"),
+    ("lxmert", ["--question", "what shape ?", "--method", "rollout"], "supports --method chefer, raw, attn-gradcam"),
     ("visualbert", ["--question", "what shape ?", "--threshold", "0.3"], "--threshold is for detection"),
     ("visualbert", ["--question", "what shape ?", "--precision", "bf16"], "--precision is for ViT and CLIP"),
     ("detr", ["--text", "a star"], "--text is for CLIP models"),
     ("detr", ["--question", "what shape ?"], "--question is for VQA models"),
-    ("detr", ["--method", "raw"], "--method chefer only"),
+    ("detr", ["--method", "rollout"], "supports --method chefer, raw, attn-gradcam"),
     ("shapes-vit", ["--question", "what shape ?"], "--question is for VQA models"),
 ])
 def test_usage_errors_are_one_line(folders, images, tmp_path, family, args, message):

@@ -233,6 +233,15 @@ def _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query: int):
     return r_qi[query], had_nan
 
 
+def _last_layer_literal(method: str, cam: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Reference §3, one sample's (H, N, M) last-layer attention: raw = heads averaged, no gradient;
+    attn-gradcam = each head weighted by the spatial mean of its gradient, averaged, positive part."""
+    if method == "raw":
+        return cam.mean(dim=0)
+    weights = grad.mean(dim=[1, 2], keepdim=True)
+    return (cam * weights).mean(dim=0).clamp(min=0)
+
+
 def _map_literal(values: torch.Tensor, grid, size) -> np.ndarray:
     """(N,) → (1, 1, gh, gw) → bilinear (align_corners=False) to (H, W) → min-max."""
     up = F.interpolate(values.double().reshape(1, 1, *grid), size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -267,8 +276,9 @@ def _literal_lxmert_attention(module, calls: list):
     return types.MethodType(forward, module)
 
 
-def _lxmert_reference(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
-    """One sample: (R_tt[0], R_ti[0], answer) by the literal rules on a float64 copy."""
+def _lxmert_captured(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
+    """One sample on a float64 copy: per layer (A, ∇A) of the language and relation layers, the cross
+    layers' dicts ("t2v", "v2t", "lang", "visn"), the token and region counts, and the answer."""
     model = copy.deepcopy(model).double()
     calls = {}
     for module in model.modules():
@@ -289,11 +299,18 @@ def _lxmert_reference(model, tokenizer, question: str, image: Image.Image, answe
     cross = [{"t2v": found[(x.visual_attention.att, 0)], "v2t": found[(x.visual_attention.att, 1)],
               "lang": found[(x.lang_self_att.self, 0)], "visn": found[(x.visn_self_att.self, 0)]}
              for x in encoder.x_layers]  # HF's cross_att calls the shared module for text first
-    r_tt, r_ti = _bimodal_literal(language, relation, cross, tokens["input_ids"].shape[1], regions.features.shape[1])
+    return language, relation, cross, tokens["input_ids"].shape[1], regions.features.shape[1], answer
+
+
+def _lxmert_reference(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
+    """One sample: (R_tt[0], R_ti[0], answer) by the literal rules on a float64 copy."""
+    *captured, answer = _lxmert_captured(model, tokenizer, question, image, answer)
+    r_tt, r_ti = _bimodal_literal(*captured)
     return r_tt[0], r_ti[0], answer
 
 
-def _visualbert_reference(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
+def _visualbert_captured(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
+    """One sample on a float64 copy: per layer (A, ∇A), the pooled position, the text length, the answer."""
     model = copy.deepcopy(model).double()
     tokens = tokenizer([question], return_tensors="pt")
     regions = _regions([image])
@@ -302,8 +319,13 @@ def _visualbert_reference(model, tokenizer, question: str, image: Image.Image, a
     answer = int(output.logits[0].argmax()) if answer is None else answer
     grads = torch.autograd.grad(output.logits[0, answer], output.attentions)
     pooled = int(tokens["attention_mask"].sum()) - 2  # MMF's pooler_strategy "vqa"
-    row = _single_stream_literal([(a[0].detach(), g[0]) for a, g in zip(output.attentions, grads)], pooled)
-    text = tokens["input_ids"].shape[1]
+    layers = [(a[0].detach(), g[0]) for a, g in zip(output.attentions, grads)]
+    return layers, pooled, tokens["input_ids"].shape[1], answer
+
+
+def _visualbert_reference(model, tokenizer, question: str, image: Image.Image, answer: int | None = None):
+    layers, pooled, text, answer = _visualbert_captured(model, tokenizer, question, image, answer)
+    row = _single_stream_literal(layers, pooled)
     return row[:text], row[text:], answer
 
 
@@ -318,7 +340,9 @@ def _detr_pixels(images) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _detr_reference(model, image: Image.Image, query: int):
+def _detr_captured(model, image: Image.Image, query: int):
+    """One query on a float64 copy: per layer (A, ∇A) of the encoder, decoder self and decoder cross
+    attention, and the query's label."""
     model = copy.deepcopy(model).double()
     model.set_attn_implementation("eager")
     output = model(pixel_values=_detr_pixels([image]).double(), output_attentions=True)
@@ -328,7 +352,12 @@ def _detr_reference(model, image: Image.Image, query: int):
     pairs = [(a[0].detach(), g[0]) for a, g in zip(maps, grads)]
     layers = len(output.encoder_attentions)
     decoder = len(output.decoder_attentions)
-    row, had_nan = _encoder_decoder_literal(pairs[:layers], pairs[layers:layers + decoder], pairs[layers + decoder:], query)
+    return pairs[:layers], pairs[layers:layers + decoder], pairs[layers + decoder:], label
+
+
+def _detr_reference(model, image: Image.Image, query: int):
+    encoder, decoder_self, decoder_cross, label = _detr_captured(model, image, query)
+    row, had_nan = _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query)
     return row, label, had_nan
 
 
@@ -408,6 +437,50 @@ def test_vqa_explainer_maps_equal_reference(tokenizer, family):
             np.testing.assert_allclose([t["relevance"] for t in target.extra["tokens"]], unit[keep], atol=ATOL_MAP)
             assert [r["relevance"] for r in target.extra["regions"]] == pytest.approx(
                 list(_unit_literal(ref_regions)), abs=ATOL_MAP)
+
+
+def _vqa_baseline_reference(family: str, method: str, model, tokenizer, question: str, image: Image.Image,
+                            answer: int | None):
+    """One sample's (text row, region row, answer) under a last-layer baseline, literally."""
+    if family == "lxmert":
+        _, _, cross, _, _, answer = _lxmert_captured(model, tokenizer, question, image, answer)
+        text = _last_layer_literal(method, *cross[-1]["lang"])[0].clone()
+        text[0] = 0
+        return text, _last_layer_literal(method, *cross[-1]["t2v"])[0], answer
+    layers, pooled, length, answer = _visualbert_captured(model, tokenizer, question, image, answer)
+    row = _last_layer_literal(method, *layers[-1])[pooled].clone()
+    row[pooled] = 0
+    return row[:length], row[length:], answer
+
+
+@pytest.mark.parametrize("family", ["lxmert", "visualbert"])
+@pytest.mark.parametrize("method", ["raw", "attn-gradcam"])
+def test_vqa_baselines_equal_literal_reference(tokenizer, family, method):
+    """Batch of three padded questions against each sample alone, float64, for the predicted answers and
+    for a chosen one (the tiny LXMERT's predicted answers pull every head's mean gradient below zero, which
+    attn-gradcam clamps to an all-zero map). attn-gradcam's head weights must ignore padded keys: their
+    probability is zero, their gradient is not."""
+    from xattn_cli.explainers.multimodal import VqaRelevancy
+
+    adapter64 = copy.deepcopy(_adapter(family, tokenizer))
+    adapter64.model.double()
+    images = _images()
+    batch = adapter64.tokenize(QUESTIONS)
+    regions = _regions(images)
+    regions.features, regions.boxes, regions.mask = regions.features.double(), regions.boxes.double(), regions.mask.double()
+    peaks = []
+    for answer in (None, "blue"):
+        explainer = VqaRelevancy(adapter64, QUESTIONS[:1], method=method, answer=answer)
+        _, answers, text_rows, region_rows = explainer.relevance(batch, regions)
+        for i, (question, image) in enumerate(zip(QUESTIONS, images)):
+            ref_text, ref_regions, ref_answer = _vqa_baseline_reference(
+                family, method, adapter64.model, tokenizer, question, image, explainer.fixed_answer)
+            length = int(batch["attention_mask"][i].sum())
+            assert answers[i] == ref_answer
+            peaks.append(float(ref_regions.max()))
+            torch.testing.assert_close(text_rows[i, :length].double(), ref_text, **TIGHT)
+            torch.testing.assert_close(region_rows[i].double(), ref_regions, **TIGHT)
+    assert max(peaks) > 1e-6, "degenerate test model"  # TIGHT's atol is 1e-10
 
 
 def test_lxmert_records_both_cross_directions(tokenizer):
@@ -499,6 +572,25 @@ def test_detr_explainer_one_target_per_detection():
                                        atol=ATOL_MAP, rtol=0)
             assert target.to_json()["peak"] == target.peak
     assert [len(targets) for targets in results] == [0, 4, 3]
+
+
+@pytest.mark.parametrize("method", ["raw", "attn-gradcam"])
+def test_detr_baselines_equal_literal_reference(method):
+    from xattn_cli.explainers.multimodal import DetectionRelevancy
+    from xattn_cli.models.detr import DetrAdapter
+
+    model = _detr_model()
+    images = _images()[1:]
+    adapter = DetrAdapter(copy.deepcopy(model).double(), size=DETR_SIZE)
+    results = DetectionRelevancy(adapter, threshold=0.25, method=method).explain(images)
+    assert all(results)
+    for image, targets in zip(images, results):
+        for target in targets:
+            query = target.extra["query"]
+            _, _, decoder_cross, _ = _detr_captured(model, image, query)
+            expected = _last_layer_literal(method, *decoder_cross[-1])[query]
+            np.testing.assert_allclose(target.map, _map_literal(expected, (5, 6), (image.height, image.width)),
+                                       atol=ATOL_MAP, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------

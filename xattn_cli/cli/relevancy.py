@@ -35,7 +35,7 @@ def relevancy(
     answer: Annotated[Optional[str], typer.Option("--answer", help="VQA models: explain this answer [default: the predicted one].")] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="VQA models: region boxes + features per image, .npz (names, features, boxes[, counts]) [default: the model's grid regions].", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="DETR: explain each detection whose class probability exceeds this [default: 0.5].", show_default=False)] = None,
-    method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam (LXMERT, VisualBERT, DETR: chefer only).")] = Method.chefer,
+    method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam (LXMERT, VisualBERT, DETR: no rollout).")] = Method.chefer,
     start_layer: Annotated[Optional[int], typer.Option("--start-layer", min=0, help="First layer accumulated [default: 0 for ViT, the last layer for CLIP].")] = None,
     pretrained: opt.PretrainedOpt = None,
     trust_checkpoint: opt.TrustCheckpointOpt = False,

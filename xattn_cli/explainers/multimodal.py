@@ -12,8 +12,9 @@ from xattn_cli.capture import AttentionRecorder
 from xattn_cli.errors import UsageError
 from xattn_cli.explainers.relevancy import backward, input_gradients_only, relevance_map
 from xattn_cli.io.images import ItemError
-from xattn_cli.methods.coattention import bimodal_relevance, encoder_decoder_relevance, pooled_row
-from xattn_cli.methods.relevancy import self_attention_relevance
+from xattn_cli.methods.coattention import (LAST_LAYER_BASELINES, bimodal_relevance, encoder_decoder_relevance,
+                                           last_layer_baseline, pooled_row)
+from xattn_cli.methods.relevancy import NEEDS_GRADIENTS, self_attention_relevance
 from xattn_cli.methods.surgery import min_max
 from xattn_cli.models.detr import boxes_to_pixels, feature_grid
 from xattn_cli.models.regions import NpzRegions, Regions, RegionSource, regions_to_map
@@ -29,6 +30,15 @@ def _unit(values: torch.Tensor) -> torch.Tensor:
     return scaled
 
 
+METHODS = ("chefer", *LAST_LAYER_BASELINES)
+"""What the co-attention and encoder-decoder explainers offer: the rules, and the last-layer baselines."""
+
+
+def _check_method(method: str, adapter) -> None:
+    if method not in METHODS:
+        raise UsageError(f"{adapter.name} ({adapter.family}) supports --method {', '.join(METHODS)}, not {method!r}")
+
+
 def _check_finite(scores: torch.Tensor) -> None:
     if not torch.isfinite(scores).all():
         raise ItemError("NonFiniteOutput", "the model produced non-finite logits")
@@ -39,22 +49,24 @@ class VqaRelevancy:
     (painted back onto the image), one target per question.
 
     LXMERT: the bi-modal rules (reference §2.4), read from [CLS]. VisualBERT: the self-attention rules over
-    the joint stream (§2.3), read from the token its VQA head pools.
+    the joint stream (§2.3), read from the token its VQA head pools. `method` "raw" or "attn-gradcam" reads
+    the same row off the last layer instead (LXMERT: the last text→vision cross attention for the regions,
+    the last language self-attention for the words).
 
     `explain` takes each image's path too (`takes_names`): precomputed regions are looked up by file stem.
     """
 
-    method = "chefer"
     takes_names: ClassVar[bool] = True
 
     def __init__(self, adapter, questions: Sequence[str], *, answer: str | None = None,
-                 regions: RegionSource | None = None):
+                 regions: RegionSource | None = None, method: str = "chefer"):
         questions = [q.strip() for q in questions]
         if not questions or not all(questions):
             raise UsageError("--question must be given at least once and must not be empty")
         if adapter.family not in ("lxmert", "visualbert"):
             raise UsageError(f"{adapter.name} ({adapter.family}) is not a region-feature VQA model")
-        self.adapter, self.questions, self.model_name = adapter, questions, adapter.name
+        _check_method(method, adapter)
+        self.adapter, self.questions, self.model_name, self.method = adapter, questions, adapter.name, method
         self.fixed_answer = None if answer is None else adapter.target_index(answer)  # else each prediction
         self.regions = regions or adapter.regions
         if self.regions is None:
@@ -74,16 +86,34 @@ class VqaRelevancy:
             _check_finite(logits)
             chosen = ([self.fixed_answer] * len(logits) if self.fixed_answer is not None
                       else [int(row.argmax()) for row in logits.detach()])
-            backward(sum(logits[i, a] for i, a in enumerate(chosen)), retain=False)
-        if adapter.family == "lxmert":
-            r_tt, r_ti = bimodal_relevance(recording.select("self", "text"), recording.select("self", "vision"),
-                                           recording.select("cross", "text->vision"),
-                                           recording.select("cross", "vision->text"))
-            return logits.detach(), chosen, r_tt[:, 0], r_ti[:, 0]  # the [CLS] row
-        rows = pooled_row(self_attention_relevance(recording.select("self", "joint")),
-                          adapter.pooled_index(batch))  # (B, T + R)
+            if NEEDS_GRADIENTS[self.method]:
+                backward(sum(logits[i, a] for i, a in enumerate(chosen)), retain=False)
+        text_rows, region_rows = self._rows(recording, batch, regions.mask)
+        return logits.detach(), chosen, text_rows, region_rows
+
+    def _rows(self, recording, batch: dict[str, torch.Tensor], region_mask: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The explained token's relevance rows over the question's tokens (B, T) and the regions (B, R)."""
+        chefer = self.method == "chefer"
+        text_mask = batch["attention_mask"]  # (B, T)
+        if self.adapter.family == "lxmert":
+            text_self, text_to_vision = recording.select("self", "text"), recording.select("cross", "text->vision")
+            if chefer:
+                r_tt, r_ti = bimodal_relevance(text_self, recording.select("self", "vision"), text_to_vision,
+                                               recording.select("cross", "vision->text"))
+            else:
+                r_tt = last_layer_baseline(self.method, text_self, text_mask, text_mask)  # (B, T, T)
+                r_ti = last_layer_baseline(self.method, text_to_vision, text_mask, region_mask)  # (B, T, R)
+            text_rows = r_tt[:, 0].clone()  # (B, T): the [CLS] row
+            text_rows[:, 0] = 0  # [CLS] does not explain itself
+            return text_rows, r_ti[:, 0]
+        joint = recording.select("self", "joint")
+        joint_mask = torch.cat([text_mask, region_mask.to(text_mask.dtype)], dim=1)  # (B, T + R)
+        relevance = (self_attention_relevance(joint) if chefer
+                     else last_layer_baseline(self.method, joint, joint_mask, joint_mask))  # (B, T + R, T + R)
+        rows = pooled_row(relevance, self.adapter.pooled_index(batch))  # (B, T + R)
         text_length = batch["input_ids"].shape[1]
-        return logits.detach(), chosen, rows[:, :text_length], rows[:, text_length:]
+        return rows[:, :text_length], rows[:, text_length:]
 
     def _words(self, batch: dict[str, torch.Tensor], i: int) -> slice:
         """The question's word tokens: between [CLS] and [SEP] (LXMERT); before the pooled token (VisualBERT)."""
@@ -132,16 +162,16 @@ class VqaRelevancy:
 
 class DetectionRelevancy:
     """One map per DETR detection whose class probability exceeds `threshold`: the query's relevance over
-    the encoder's image tokens (reference §2.5), upsampled to the image. A threshold of 1 keeps none."""
+    the encoder's image tokens (reference §2.5), upsampled to the image. A threshold of 1 keeps none.
+    `method` "raw" or "attn-gradcam" reads the query's row of the last decoder cross attention instead."""
 
-    method = "chefer"
-
-    def __init__(self, adapter, *, threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, adapter, *, threshold: float = DEFAULT_THRESHOLD, method: str = "chefer"):
         if adapter.family != "detr":
             raise UsageError(f"{adapter.name} ({adapter.family}) is not a detection model")
         if not 0.0 <= threshold <= 1.0:
             raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
-        self.adapter, self.threshold, self.model_name = adapter, threshold, adapter.name
+        _check_method(method, adapter)
+        self.adapter, self.threshold, self.model_name, self.method = adapter, threshold, adapter.name, method
 
     def meta(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "precision": "fp32"}
@@ -167,10 +197,9 @@ class DetectionRelevancy:
             slots = max((len(f) for f in found), default=0)
             for slot in range(slots):
                 chosen = [(i, f[slot]) for i, f in enumerate(found) if slot < len(f)]
-                backward(sum(logits[i, q, c] for i, (q, c, _) in chosen), retain=slot < slots - 1)
-                relevance = encoder_decoder_relevance(recording.select("self", "encoder"),
-                                                      recording.select("self", "decoder"),
-                                                      recording.select("cross", "decoder->encoder"))  # (B, Q, I)
+                if NEEDS_GRADIENTS[self.method]:
+                    backward(sum(logits[i, q, c] for i, (q, c, _) in chosen), retain=slot < slots - 1)
+                relevance = self._query_relevance(recording)  # (B, Q, I)
                 grid = feature_grid(adapter.native_size, relevance.shape[-1])
                 for i, (query, label, probability) in chosen:
                     image = images[i]
@@ -181,3 +210,10 @@ class DetectionRelevancy:
                              "logit": round(float(logits[i, query, label].detach()), 6)}
                     results[i].append(TargetMap(f"{name}-{slot}", probability, heat, degenerate, extra))
         return results
+
+    def _query_relevance(self, recording) -> torch.Tensor:
+        """Each query's relevance over the encoder's image tokens. (B, Q, I)."""
+        cross = recording.select("cross", "decoder->encoder")
+        if self.method != "chefer":
+            return last_layer_baseline(self.method, cross)
+        return encoder_decoder_relevance(recording.select("self", "encoder"), recording.select("self", "decoder"), cross)

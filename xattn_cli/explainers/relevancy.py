@@ -297,8 +297,7 @@ FAMILY_OPTIONS = {  # option → (what it is for, the families that take it)
     "--features": ("region-feature models (LXMERT, VisualBERT)", {"lxmert", "visualbert"}),
     "--threshold": ("detection models (DETR)", {"detr"}),
 }
-CHEFER_ONLY = ("lxmert", "visualbert", "detr")  # co-attention and encoder-decoder rules: no baselines yet
-FAMILIES = ("clip", "vit", *CHEFER_ONLY)
+FAMILIES = ("clip", "vit", "lxmert", "visualbert", "detr")
 
 
 def check_options(adapter, given: dict[str, bool], method: str) -> None:
@@ -310,8 +309,6 @@ def check_options(adapter, given: dict[str, bool], method: str) -> None:
         if given.get(option) and family not in families:
             takes = [name for name, (_, fs) in FAMILY_OPTIONS.items() if family in fs]
             raise UsageError(f"{option} is for {purpose}; {adapter.name} ({family}) takes {', '.join(takes)}")
-    if family in CHEFER_ONLY and method != "chefer":
-        raise UsageError(f"{adapter.name} ({family}) supports --method chefer only, not {method!r}")
 
 
 def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets: Sequence[str] = (),
@@ -338,6 +335,7 @@ def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets:
     from xattn_cli.models.regions import NpzRegions
 
     if family == "detr":
-        return DetectionRelevancy(adapter, threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+        return DetectionRelevancy(adapter, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                                  method=method)
     regions = None if features is None else NpzRegions(features)
-    return VqaRelevancy(adapter, questions, answer=answer, regions=regions)
+    return VqaRelevancy(adapter, questions, answer=answer, regions=regions, method=method)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from xattn_cli.capture.recorder import AttentionEvent, events_by_layer
-from xattn_cli.methods.relevancy import handle_residual, head_mean_positive, identity
+from xattn_cli.methods.relevancy import attention_gradcam, handle_residual, head_mean_positive, identity, raw_attention
 
 Tensor = torch.Tensor
 
@@ -131,3 +131,25 @@ def encoder_decoder_relevance(encoder_self: Sequence[AttentionEvent], decoder_se
         add_qi, _ = cross_attention_additions(_cam(cross_event), r_qq, r_ii, None)
         r_qi = r_qi + add_qi
     return r_qi
+
+
+LAST_LAYER_BASELINES = ("raw", "attn-gradcam")
+"""Baselines read off one attention per stream, its last layer (reference §3): LXMERT's last text→vision
+cross attention and last language self-attention, VisualBERT's last layer, DETR's last decoder cross
+attention. Rollout is not offered for these families: the reference's LXMERT and VisualBERT rollouts
+disagree on the row normalisation."""
+
+
+def last_layer_baseline(method: str, events: Sequence[AttentionEvent], query_mask: Tensor | None = None,
+                        key_mask: Tensor | None = None) -> Tensor:
+    """`raw` or `attn-gradcam` on the last layer of `events`. (B, Nq, Nk).
+
+    `query_mask` (B, Nq) and `key_mask` (B, Nk), 1 for real tokens, keep attn-gradcam's head weights to the
+    real query-key pairs of a padded batch.
+    """
+    if method == "raw":
+        return raw_attention(events)
+    if method != "attn-gradcam":
+        raise ValueError(f"unknown last-layer baseline {method!r} (one of {', '.join(LAST_LAYER_BASELINES)})")
+    valid = None if query_mask is None else query_mask[:, :, None] * key_mask[:, None, :]  # (B, Nq, Nk)
+    return attention_gradcam(events, valid)

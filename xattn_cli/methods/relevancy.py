@@ -55,10 +55,18 @@ def raw_attention(events: Sequence[AttentionEvent]) -> Tensor:
     return max(events, key=lambda e: e.layer).probs.mean(dim=1)
 
 
-def attention_gradcam(events: Sequence[AttentionEvent]) -> Tensor:
-    """Last layer, each head weighted by its mean gradient, heads averaged, positive part. (B, N, M)."""
+def attention_gradcam(events: Sequence[AttentionEvent], valid: Tensor | None = None) -> Tensor:
+    """Last layer, each head weighted by its mean gradient, heads averaged, positive part. (B, N, M).
+
+    `valid` (B, N, M), for padded batches: the mean runs over the real query-key pairs only (a padded key
+    has zero probability but not zero gradient), so each sample gets what it gets unpadded.
+    """
     last = next(reversed(list(events_by_layer(events))))
-    weights = last.grad.mean(dim=(2, 3), keepdim=True)  # (B, H, 1, 1)
+    if valid is None:
+        weights = last.grad.mean(dim=(2, 3), keepdim=True)  # (B, H, 1, 1)
+    else:
+        valid = valid[:, None].to(last.grad.dtype)  # (B, 1, N, M)
+        weights = (last.grad * valid).sum(dim=(2, 3), keepdim=True) / valid.sum(dim=(2, 3), keepdim=True)  # (B, H, 1, 1)
     return (last.probs * weights).mean(dim=1).clamp(min=0)
 
 
