@@ -138,8 +138,12 @@ def test_table_shows_the_answer_and_images_without_detections(folders, images, t
         assert result.exit_code == 0, result.output
         return result.stdout
 
-    assert f"{QUESTIONS[0]} → star" in table("--model", f"hf:{folders['lxmert']}", "--question", QUESTIONS[0],
-                                              "--answer", "star")
+    shown = table("--model", f"hf:{folders['lxmert']}", "--question", QUESTIONS[0], "--answer", "star")
+    assert f"{QUESTIONS[0]} → star" in shown
+    record = json.loads(invoke(tmp_path, images[0], "--model", f"hf:{folders['lxmert']}", "--question", QUESTIONS[0],
+                               "--answer", "star").stdout)
+    relevances = " ".join(f"{t['token']} {t['relevance']:.2f}" for t in record["targets"][0]["tokens"])
+    assert relevances.startswith("what ") and relevances in shown  # the question's token relevances
     assert "(none)" in table("--model", f"hf:{folders['detr']}", "--threshold", "1")
 
 

@@ -111,7 +111,14 @@ def _print_table(records: list[dict[str, Any]]) -> None:
         if not record["targets"]:
             table.add_row(record["image"], "ok", "(none)", "", "", "")
         for target in record["targets"]:
-            answered = f"{target['target']} → {target['answer']}" if "answer" in target else target["target"]
-            table.add_row(record["image"], "ok", answered, f"{target['score']:.4f}", str(target["peak"]),
+            table.add_row(record["image"], "ok", _target_cell(target), f"{target['score']:.4f}", str(target["peak"]),
                           target["overlay"])
     Console().print(table)
+
+
+def _target_cell(target: dict[str, Any]) -> str:
+    """The target, the answer a VQA model gave, and the token relevances when there are any."""
+    cell = f"{target['target']} → {target['answer']}" if "answer" in target else target["target"]
+    if target.get("tokens"):
+        cell += "\n" + " ".join(f"{token['token']} {token['relevance']:.2f}" for token in target["tokens"])
+    return cell
