@@ -97,15 +97,47 @@ def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False)
     return adapter
 
 
-@register_model("vit", "vit", ("relevancy",), load_config("vit")["description"])
-def vit_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
-    cfg = load_config("vit")
-    location = pretrained or cfg["source"].removeprefix("hf:")
-    if not Path(location).exists():
-        require_hub(location, cfg["offline_alternative"])
-    from xattn_cli.models.hf import load_hf
+def register_hf_alias(name: str) -> None:
+    """`name` (configs/<name>.json) loads its Hugging Face `source`, or the folder `--pretrained` names;
+    offline it fails fast and names the bundled model of the same family."""
+    cfg = load_config(name)
 
-    return load_hf(location)
+    @register_model(name, cfg["family"], ("relevancy",), cfg["description"])
+    def load(pretrained: str | None = None, *, trust_checkpoint: bool = False):
+        location = pretrained or cfg["source"].removeprefix("hf:")
+        if not Path(location).exists():
+            require_hub(location, cfg["offline_alternative"])
+        from xattn_cli.models.hf import load_hf
+
+        return load_hf(location)
+
+
+def register_bundled_hf(name: str) -> None:
+    """A bundled shapes-* model kept as a `save_pretrained` folder (configs/<name>.json names it);
+    `--pretrained DIR` loads another folder of the same kind instead."""
+    cfg = load_config(name)
+    folder = cfg["folder"]
+
+    @register_model(name, cfg["family"], ("relevancy",), cfg["description"], bundled=True,
+                    weights=f"{folder}/model.safetensors")
+    def load(pretrained: str | None = None, *, trust_checkpoint: bool = False):
+        import torch
+
+        from xattn_cli.models.hf import load_hf
+
+        location = Path(pretrained) if pretrained else project_path(folder)
+        if not (location / "config.json").is_file():
+            raise UsageError(f"{name}: no model folder at {location} (config.json missing)")
+        adapter = load_hf(str(location))
+        adapter.name = name
+        torch.set_flush_denormal(True)
+        return adapter
+
+
+register_hf_alias("vit")
+for _family in ("lxmert", "visualbert", "detr"):
+    register_bundled_hf(f"shapes-{_family}")
+    register_hf_alias(_family)
 
 
 @register_model("hf", "auto", ("surgery", "relevancy"), "Hugging Face model folder or repo; the family comes from "
