@@ -7,7 +7,7 @@ trained for, and the pointing game of each relevancy method.
 VQA (LXMERT, VisualBERT): answer accuracy on every question of the recipe's 500 held-out scenes. Pointing:
 a second held-out stream; every question about one object ("what colour is the star?", "what shape is
 red?", "is there a red star?" when there is) is explained for the answer the model gives, and the image
-map must peak inside that object's mask.
+map must peak inside that object's mask; also over the questions the model answered right.
 
 DETR: mAP@0.5 on the recipe's 500 held-out scenes. Pointing: every detection above the CLI's default
 threshold on the second stream; its map must peak inside its own predicted box.
@@ -39,14 +39,16 @@ def vqa_accuracy(adapter) -> dict[str, float]:
     return evaluate(adapter, HeldOut(adapter.regions, 500, SIZE))
 
 
-def vqa_pointing(adapter, method: str, scenes: int) -> list[float]:
-    hits = []
+def vqa_pointing(adapter, method: str, scenes: int) -> tuple[list[float], list[bool]]:
+    """Per question about one object: the pointing hit, and whether the model answered it right."""
+    hits, right = [], []
     for index in range(scenes):
         scene = scene_at(POINTING_SEED, index, size=SIZE)
         about_one = [qa for qa in scene.qa if qa["object"] is not None]
         targets = VqaRelevancy(adapter, [qa["question"] for qa in about_one], method=method).explain([scene.image])[0]
         hits += [pointing(target.map, scene.objects[qa["object"]].mask) for qa, target in zip(about_one, targets)]
-    return hits
+        right += [target.extra["answer"] == qa["answer"] for qa, target in zip(about_one, targets)]
+    return hits, right
 
 
 def detr_map(adapter) -> dict[str, float]:
@@ -56,7 +58,8 @@ def detr_map(adapter) -> dict[str, float]:
     return evaluate(adapter, HeldOut(500, SIZE, preprocess["mean"], preprocess["std"]))
 
 
-def detr_pointing(adapter, method: str, scenes: int) -> list[float]:
+def detr_pointing(adapter, method: str, scenes: int) -> tuple[list[float], list[bool]]:
+    """Per detection: the pointing hit (and True: a detection has no answer to get wrong)."""
     hits = []
     explainer = DetectionRelevancy(adapter, method=method)
     for index in range(scenes):
@@ -66,7 +69,7 @@ def detr_pointing(adapter, method: str, scenes: int) -> list[float]:
             rows, cols = np.mgrid[:image.height, :image.width]
             inside = (cols + 0.5 >= x0) & (cols + 0.5 <= x1) & (rows + 0.5 >= y0) & (rows + 0.5 <= y1)  # pixel centres
             hits.append(pointing(target.map, inside))
-    return hits
+    return hits, [True] * len(hits)
 
 
 def measure(name: str, scenes: int) -> dict[str, float]:
@@ -74,10 +77,16 @@ def measure(name: str, scenes: int) -> dict[str, float]:
     detector = adapter.family == "detr"
     figures = {f"{name} {key}": value for key, value in (detr_map if detector else vqa_accuracy)(adapter).items()}
     for method in METHODS:
-        hits = (detr_pointing if detector else vqa_pointing)(adapter, method, scenes)
-        figures[f"{name} pointing {method}"] = float(np.mean(hits)) if hits else float("nan")
+        hits, right = (detr_pointing if detector else vqa_pointing)(adapter, method, scenes)
+        figures[f"{name} pointing {method}"] = _mean(hits)
+        if not detector:
+            figures[f"{name} pointing {method}, answered right"] = _mean([h for h, r in zip(hits, right) if r])
         figures[f"{name} pointing targets"] = len(hits)
     return figures
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def main() -> None:

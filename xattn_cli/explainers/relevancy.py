@@ -300,8 +300,8 @@ FAMILY_OPTIONS = {  # option → (what it is for, the families that take it)
 FAMILIES = ("clip", "vit", "lxmert", "visualbert", "detr")
 
 
-def check_options(adapter, given: dict[str, bool], method: str) -> None:
-    """Usage errors for options given to a family that does not take them, and for unsupported methods."""
+def check_options(adapter, given: dict[str, bool]) -> None:
+    """Usage errors for options given to a family that does not take them (each explainer checks its methods)."""
     family = getattr(adapter, "family", "")
     if family not in FAMILIES:
         raise UsageError(f"{adapter.name} ({family}) has no relevancy support yet")
@@ -322,7 +322,7 @@ def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets:
     given = {"--text": bool(texts), "--target": bool(targets), "--start-layer": start_layer is not None,
              "--precision": precision != "fp32", "--question": bool(questions), "--answer": answer is not None,
              "--features": features is not None, "--threshold": threshold is not None}
-    check_options(adapter, given, method)
+    check_options(adapter, given)
     family = adapter.family
     if family == "clip":
         if not texts:
