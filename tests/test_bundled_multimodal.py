@@ -68,12 +68,15 @@ def test_vqa_models_answer_with_the_question_kind(name, method, star_scene, tmp_
     assert Path(colour["overlay"]).is_file() and Path(shape["overlay"]).is_file()
 
 
-def test_detr_detects_and_boxes_each_detection(star_scene, tmp_path):
+@pytest.mark.parametrize("method", ["chefer", "raw"])
+def test_detr_detects_and_boxes_each_detection(method, star_scene, tmp_path):
     image, _ = star_scene
-    completed = run(["relevancy", "--model", "shapes-detr", str(image), "--threshold", "0.0",
+    completed = run(["relevancy", "--model", "shapes-detr", "--method", method, str(image), "--threshold", "0.0",
                      "--out", str(tmp_path / "out"), "--format", "jsonl"], env=_environment())
     assert completed.returncode == 0, completed.stderr
-    targets = json.loads(completed.stdout)["targets"]
+    record = json.loads(completed.stdout)
+    assert record["method"] == method
+    targets = record["targets"]
     assert targets, "threshold 0 keeps every query"
     width, height = Image.open(image).size
     for target in targets:
