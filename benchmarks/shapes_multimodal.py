@@ -62,11 +62,11 @@ def detr_pointing(adapter, method: str, scenes: int) -> tuple[list[float], list[
     """Per detection: the pointing hit (and True: a detection has no answer to get wrong)."""
     hits = []
     explainer = DetectionRelevancy(adapter, method=method)
+    rows, cols = np.mgrid[:SIZE, :SIZE]  # (H, W) pixel indices
     for index in range(scenes):
         image = scene_at(POINTING_SEED, index, size=SIZE).image
         for target in explainer.explain([image])[0]:
             x0, y0, x1, y1 = target.extra["box"]
-            rows, cols = np.mgrid[:image.height, :image.width]
             inside = (cols + 0.5 >= x0) & (cols + 0.5 <= x1) & (rows + 0.5 >= y0) & (rows + 0.5 <= y1)  # pixel centres
             hits.append(pointing(target.map, inside))
     return hits, [True] * len(hits)

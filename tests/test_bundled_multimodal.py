@@ -2,7 +2,8 @@
 lxmert, visualbert and detr aliases, which fail fast without a hub and name the bundled model.
 
 Quality (held-out accuracy, mAP, pointing) is measured by `benchmarks/shapes_multimodal.py`, not here:
-these tests check that the shipped folders load and explain end to end."""
+these tests check that the shipped folders load and explain end to end. The subprocesses inherit
+HF_HUB_OFFLINE=1 from conftest: every run is offline."""
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def test_acceptance_lxmert_question_from_the_cli(star_scene, tmp_path):
     """Issue 5: `xattn relevancy --model shapes-lxmert --question "what colour is the star?" IMG`."""
     image, qa = star_scene
     completed = run(["relevancy", "--model", "shapes-lxmert", "--question", qa["question"], str(image),
-                     "--out", str(tmp_path / "out")], env=_environment())
+                     "--out", str(tmp_path / "out")])
     assert completed.returncode == 0, completed.stderr
     (record,) = [json.loads(line) for line in completed.stdout.splitlines()]
     (target,) = record["targets"]
@@ -60,8 +61,7 @@ def test_acceptance_lxmert_question_from_the_cli(star_scene, tmp_path):
 def test_vqa_models_answer_with_the_question_kind(name, method, star_scene, tmp_path):
     image, qa = star_scene
     completed = run(["relevancy", "--model", name, "--method", method, str(image), "--question", qa["question"],
-                     "--question", "what shape is red?", "--out", str(tmp_path / "out"), "--format", "jsonl"],
-                    env=_environment())
+                     "--question", "what shape is red?", "--out", str(tmp_path / "out"), "--format", "jsonl"])
     assert completed.returncode == 0, completed.stderr
     colour, shape = json.loads(completed.stdout)["targets"]
     assert colour["answer"] in COLORS and shape["answer"] in SHAPES
@@ -72,7 +72,7 @@ def test_vqa_models_answer_with_the_question_kind(name, method, star_scene, tmp_
 def test_detr_detects_and_boxes_each_detection(method, star_scene, tmp_path):
     image, _ = star_scene
     completed = run(["relevancy", "--model", "shapes-detr", "--method", method, str(image), "--threshold", "0.0",
-                     "--out", str(tmp_path / "out"), "--format", "jsonl"], env=_environment())
+                     "--out", str(tmp_path / "out"), "--format", "jsonl"])
     assert completed.returncode == 0, completed.stderr
     record = json.loads(completed.stdout)
     assert record["method"] == method
@@ -92,8 +92,3 @@ def test_aliases_fail_fast_offline_naming_the_bundled_model(alias, bundled):
     with pytest.raises(UsageError, match=bundled):
         load_model(alias)  # HF_HUB_OFFLINE is set by conftest
 
-
-def _environment() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
