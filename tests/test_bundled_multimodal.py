@@ -91,4 +91,3 @@ def test_detr_detects_and_boxes_each_detection(method, star_scene, tmp_path):
 def test_aliases_fail_fast_offline_naming_the_bundled_model(alias, bundled):
     with pytest.raises(UsageError, match=bundled):
         load_model(alias)  # HF_HUB_OFFLINE is set by conftest
-
