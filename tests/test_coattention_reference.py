@@ -213,9 +213,11 @@ def _single_stream_literal(layers, pooled: int):
     return row
 
 
-def _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query: int):
-    """DETR `generate_ours` for one query (guarded eqs. 8+9); also reports whether the official, unguarded
-    normalisation would have given NaN (and so dropped a whole rule-10 addition)."""
+def _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query: int, residual: str = "guarded"):
+    """DETR `generate_ours` for one query, eqs. 8+9 guarded or `residual="official"` (no guard, the NaNs of
+    each rule-10 addition set to 0); also reports whether the official, unguarded normalisation gave NaN
+    (and so dropped a whole rule-10 addition)."""
+    normalise = _handle_residual_official if residual == "official" else _handle_residual_guarded
     tokens, queries = encoder[0][0].shape[-1], decoder_self[0][0].shape[-1]
     r_ii = torch.eye(tokens, dtype=torch.float64)
     r_qq = torch.eye(queries, dtype=torch.float64)
@@ -227,7 +229,7 @@ def _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query: int):
         r_qq, r_qi = _self_rules_literal(r_qq, r_qi, self_cam, self_grad)
         cam = _avg_heads(cross_cam, cross_grad)
         had_nan |= bool(torch.isnan(_handle_residual_official(r_qq).t() @ cam @ _handle_residual_official(r_ii)).any())
-        addition = _handle_residual_guarded(r_qq).t() @ cam @ _handle_residual_guarded(r_ii)
+        addition = normalise(r_qq).t() @ cam @ normalise(r_ii)
         addition[torch.isnan(addition)] = 0
         r_qi += addition
     return r_qi[query], had_nan
@@ -355,9 +357,9 @@ def _detr_captured(model, image: Image.Image, query: int):
     return pairs[:layers], pairs[layers:layers + decoder], pairs[layers + decoder:], label
 
 
-def _detr_reference(model, image: Image.Image, query: int):
+def _detr_reference(model, image: Image.Image, query: int, residual: str = "guarded"):
     encoder, decoder_self, decoder_cross, label = _detr_captured(model, image, query)
-    row, had_nan = _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query)
+    row, had_nan = _encoder_decoder_literal(encoder, decoder_self, decoder_cross, query, residual)
     return row, label, had_nan
 
 
@@ -512,8 +514,9 @@ def test_lxmert_records_both_cross_directions(tokenizer):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("residual", ["guarded", "official"])
 @pytest.mark.parametrize("count", [1, 3])
-def test_detr_relevance_equals_literal_reference(count):
+def test_detr_relevance_equals_literal_reference(count, residual):
     from xattn_cli.capture import AttentionRecorder
     from xattn_cli.explainers.relevancy import input_gradients_only
     from xattn_cli.methods.coattention import encoder_decoder_relevance
@@ -528,14 +531,15 @@ def test_detr_relevance_equals_literal_reference(count):
         labels = [int(logits[i, q, :-1].argmax()) for i, q in enumerate(queries)]
         sum(logits[i, q, c] for i, (q, c) in enumerate(zip(queries, labels))).backward()
     relevance = encoder_decoder_relevance(recording.select("self", "encoder"), recording.select("self", "decoder"),
-                                          recording.select("cross", "decoder->encoder"))
+                                          recording.select("cross", "decoder->encoder"), residual=residual)
     assert relevance.shape == (count, 6, 30)
     guarded = []
     for i, (image, query) in enumerate(zip(images, queries)):
-        expected, label, had_nan = _detr_reference(adapter.model, image, query)
+        expected, label, had_nan = _detr_reference(adapter.model, image, query, residual)
         guarded.append(had_nan)
         assert labels[i] == label
-        assert float(expected.max()) > 1e-4, "degenerate test model"
+        if residual == "guarded" or not had_nan:  # official + NaN: every rule-10 addition may be dropped (all 0)
+            assert float(expected.max()) > 1e-4, "degenerate test model"
         torch.testing.assert_close(relevance[i, query], expected, **TIGHT)
     if count == 3:  # some query has an all-zero decoder self-attention row: the guarded path is exercised
         assert any(guarded) and not all(guarded)
@@ -769,6 +773,23 @@ def test_rule_10_keeps_defined_rows_where_the_official_code_gives_nan():
     normalised = torch.eye(3, dtype=torch.float64)
     normalised[0] = residual / residual.sum() + torch.eye(3, dtype=torch.float64)[0]
     torch.testing.assert_close(add[0], normalised.t() @ cam @ _handle_residual_official(r_ii))
+    official_add, _ = cross_attention_additions(cam[None], r_qq[None], r_ii[None], None, residual="official")
+    torch.testing.assert_close(official_add[0], torch.zeros_like(official))  # the official rule: nothing added
+
+
+def test_official_residual_rule_divides_like_the_official_code():
+    from xattn_cli.methods.relevancy import handle_residual
+
+    g = torch.Generator().manual_seed(4)
+    r = torch.eye(4, dtype=torch.float64) + torch.rand(4, 4, generator=g, dtype=torch.float64)
+    r[2] = torch.eye(4, dtype=torch.float64)[2]  # a row never updated: 0/0
+    official = handle_residual(r[None], residual="official")[0]
+    expected = _handle_residual_official(r)
+    assert torch.isnan(official[2]).all() and torch.isnan(expected[2]).all()
+    torch.testing.assert_close(official[[0, 1, 3]], expected[[0, 1, 3]], **TIGHT)
+    torch.testing.assert_close(handle_residual(r[None])[0], _handle_residual_guarded(r), **TIGHT)
+    with pytest.raises(ValueError, match="residual"):
+        handle_residual(r[None], residual="nan")
 
 
 def test_npz_regions_and_box_painting(tmp_path):

@@ -3,7 +3,7 @@
 Pure functions of recorded attention (`AttentionEvent`s with probs and grads, each (B, H, N, M)).
 Follows reference/chefer-relevancy.md. Differences from the official code: batches are first-class
 (the official `avg_heads` folds the batch into the head axis), and the residual normalisation guards
-rows that sum to zero instead of producing NaN.
+rows that sum to zero instead of producing NaN by default (`residual="official"` keeps the NaN).
 """
 from __future__ import annotations
 
@@ -70,12 +70,21 @@ def attention_gradcam(events: Sequence[AttentionEvent], valid: Tensor | None = N
     return (last.probs * weights).mean(dim=1).clamp(min=0)
 
 
-def handle_residual(relevance: Tensor, eps: float = 1e-12) -> Tensor:
-    """Eqs. 8+9: R̄ = rownorm(R − I) + I, with all-zero rows of R − I left at zero. (B, N, N)."""
+RESIDUAL_RULES = ("guarded", "official")
+"""Eqs. 8+9 on a row of R − I that sums to zero: `guarded` leaves it at zero (R̄ row = identity row);
+`official` divides 0 by 0 as the official code does (NaN)."""
+
+
+def handle_residual(relevance: Tensor, eps: float = 1e-12, residual: str = "guarded") -> Tensor:
+    """Eqs. 8+9: R̄ = rownorm(R − I) + I, zero-sum rows of R − I as `residual` says. (B, N, N)."""
+    if residual not in RESIDUAL_RULES:
+        raise ValueError(f"unknown residual rule {residual!r} (one of {', '.join(RESIDUAL_RULES)})")
     eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
-    residual = relevance - eye
-    sums = residual.sum(dim=-1, keepdim=True)
-    return torch.where(sums.abs() > eps, residual / torch.where(sums.abs() > eps, sums, 1), 0) + eye
+    hat = relevance - eye
+    sums = hat.sum(dim=-1, keepdim=True)  # (B, N, 1)
+    if residual == "official":
+        return hat / sums + eye
+    return torch.where(sums.abs() > eps, hat / torch.where(sums.abs() > eps, sums, 1), 0) + eye
 
 
 METHODS = ("chefer", "rollout", "raw", "attn-gradcam")
