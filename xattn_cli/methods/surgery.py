@@ -64,6 +64,13 @@ def dual_path(tokens: Tensor, blocks: Sequence[BlockView], surgery_blocks: int) 
     Returns:
         (B, n, D) tokens before the final norm and projection.
     """
+    original, surgical = dual_streams(tokens, blocks, surgery_blocks)
+    return torch.cat([original[:, :1], surgical[:, 1:]], dim=1)  # (B, n, D)
+
+
+def dual_streams(tokens: Tensor, blocks: Sequence[BlockView], surgery_blocks: int) -> tuple[Tensor, Tensor]:
+    """`dual_path`'s two streams, each (B, n, D): the original one and the v-v one (for towers whose
+    readout needs every original token, e.g. an attention-pool head)."""
     if not 1 <= surgery_blocks <= len(blocks):
         raise ValueError(f"surgery blocks must be in 1..{len(blocks)}, got {surgery_blocks}")
     first = len(blocks) - surgery_blocks
@@ -75,7 +82,7 @@ def dual_path(tokens: Tensor, blocks: Sequence[BlockView], surgery_blocks: int) 
         attended = F.scaled_dot_product_attention(q, k, v)  # (B, H, n, d_head)
         original = block.ffn_residual(original + block.attention_out(merge_heads(attended)))
         surgical = surgical + block.attention_out(merge_heads(vv_attention(v)))
-    return torch.cat([original[:, :1], surgical[:, 1:]], dim=1)  # (B, n, D)
+    return original, surgical
 
 
 def interpolate_grid_embedding(table: Tensor, grid: tuple[int, int], prefix: int = 1) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, merge_heads, split_heads
+from xattn_cli.models import openclip_timm
 from xattn_cli.models.clip import ClipAdapter
 
 
@@ -40,27 +41,37 @@ def _block_view(block: torch.nn.Module) -> BlockView:
 
 
 class OpenClipAdapter(ClipAdapter):
-    """An open_clip `CLIP` whose visual tower is a `VisionTransformer` or a `ModifiedResNet`."""
+    """An open_clip `CLIP` or `CustomTextCLIP` whose visual tower is a `VisionTransformer`, a `ModifiedResNet`
+    or a timm ViT/EVA trunk (`TimmModel`, `xattn_cli.models.openclip_timm`)."""
 
     vision_prefixes = ("visual.",)
 
     def __init__(self, model: torch.nn.Module, tokenizer: Callable | None = None, name: str = "openclip"):
         super().__init__(model)
         from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
+
+        from xattn_cli.errors import UsageError
 
         self.name = name
         visual = model.visual
         self.is_resnet = isinstance(visual, ModifiedResNet)
-        if not self.is_resnet and not isinstance(visual, VisionTransformer):
-            raise TypeError(f"unsupported open_clip visual tower {type(visual).__name__}")
-        if not self.is_resnet and getattr(visual, "attn_pool", None) is not None:
-            raise TypeError("open_clip towers with attentional pooling are not supported")
+        self.is_timm = isinstance(visual, TimmModel)
+        if not (self.is_resnet or self.is_timm or isinstance(visual, VisionTransformer)):
+            raise UsageError(f"{name}: unsupported open_clip visual tower {type(visual).__name__} "
+                             f"(supported: ViT, ModifiedResNet, {openclip_timm.SUPPORTED})")
+        if isinstance(visual, VisionTransformer) and getattr(visual, "attn_pool", None) is not None:
+            raise UsageError(f"{name}: open_clip ViT towers with attentional pooling are not supported")
         size = visual.image_size
         self.native_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if self.is_resnet:
             self.patch_size = (32, 32)
             self.default_surgery_blocks = 1
+        elif self.is_timm:
+            openclip_timm.check_trunk(visual.trunk, name)
+            self.patch_size = openclip_timm.patch_size(visual)
+            self.default_surgery_blocks = min(6, len(visual.trunk.blocks))
         else:
             patch = visual.patch_size
             self.patch_size = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
@@ -69,7 +80,9 @@ class OpenClipAdapter(ClipAdapter):
 
     @property
     def surgery_depth(self) -> int | None:
-        return None if self.is_resnet else len(self.model.visual.transformer.resblocks)
+        if self.is_resnet:
+            return None
+        return len(self.model.visual.trunk.blocks if self.is_timm else self.model.visual.transformer.resblocks)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"input_ids": self.tokenizer(texts).to(self.device)}  # (K, ctx)
@@ -98,9 +111,17 @@ class OpenClipAdapter(ClipAdapter):
 
         if self.is_resnet:
             raise UsageError("relevancy needs a transformer vision tower; this open_clip model is a ResNet")
-        vision, text = self.model.visual.transformer.resblocks, self.model.transformer.resblocks
-        return ([AttentionSite(block, "self", "vision", i, "mha") for i, block in enumerate(vision)]
-                + [AttentionSite(block, "self", "text", i, "mha") for i, block in enumerate(text)])
+        text = getattr(self.model, "text", self.model).transformer.resblocks  # CustomTextCLIP keeps it in .text
+        text_sites = [AttentionSite(block, "self", "text", i, "mha") for i, block in enumerate(text)]
+        if self.is_timm:
+            trunk = self.model.visual.trunk
+            if not openclip_timm.has_cls_readout(trunk):
+                raise UsageError(f"relevancy reads the CLS token's row; {self.name} pools its image tokens "
+                                 f"(global_pool {trunk.global_pool!r}) instead; use xattn surgery")
+            return [AttentionSite(block.attn, "self", "vision", i, "timm")
+                    for i, block in enumerate(trunk.blocks)] + text_sites
+        vision = self.model.visual.transformer.resblocks
+        return [AttentionSite(block, "self", "vision", i, "mha") for i, block in enumerate(vision)] + text_sites
 
     def surgery_and_embedding(self, pixels: torch.Tensor,
                               blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +129,8 @@ class OpenClipAdapter(ClipAdapter):
         if self.is_resnet:
             return self._resnet_surgery(pixels, grid)
         visual = self.model.visual
+        if self.is_timm:
+            return openclip_timm.surgery_and_embedding(visual, pixels, grid, blocks or self.default_surgery_blocks)
         tokens = visual.conv1(pixels)  # (B, D, gh, gw)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)  # (B, 1, D)
