@@ -50,6 +50,31 @@ def test_help_does_not_import_torch():
     assert completed.stdout.strip() == "[]"
 
 
+CLIP_SCENES = (0, 2, 6)  # of shapes-clip's zero-shot held-out stream, ones it classifies right (picked by running it)
+
+
+def test_bundled_clip_scores_the_scene_caption_highest(tmp_path):
+    """Surgery's score over the 36 plain class captions (the zero-shot benchmark's prompts) ranks each
+    held-out scene's own caption first."""
+    from xattn_cli.train.shapes_clip import CLASS_CAPTIONS, EVAL_SEED
+    from xattn_cli.world.shapes import scene_at
+
+    captions = {}
+    for index in CLIP_SCENES:
+        scene = scene_at(EVAL_SEED, index, size=64, n_objects=1)  # as its zero-shot benchmark draws them
+        scene.image.save(tmp_path / f"scene-{index}.png")
+        captions[f"scene-{index}.png"] = scene.captions[0]
+    texts = [arg for caption in CLASS_CAPTIONS for arg in ("--text", caption)]
+    result = runner.invoke(app, ["surgery", *[str(tmp_path / name) for name in captions], *texts,
+                                 "--no-ensemble", "--out", str(tmp_path / "out"), "--format", "jsonl"])
+    assert result.exit_code == 0, result.output
+    outputs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(outputs) == len(CLIP_SCENES)
+    for record in outputs:
+        best = max(record["targets"], key=lambda target: target["score"])
+        assert best["target"] == captions[Path(record["image"]).name]
+
+
 def test_folder_run_writes_the_output_contract(scenes, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["surgery", str(scenes[0].parent), *TEXTS, "--out", str(out), "--save-maps",
