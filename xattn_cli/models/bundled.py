@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xattn_cli.config import load_config, project_path
+from xattn_cli.config import data_path, load_config
 from xattn_cli.errors import UsageError
 from xattn_cli.models.registry import register_model
 
@@ -37,9 +37,9 @@ def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool 
     from xattn_cli.text import WordTokenizer
 
     cfg = load_config(name)
-    tokenizer = WordTokenizer.from_file(project_path(cfg["vocabulary"]), cfg["arch"]["text_cfg"]["context_length"])
+    tokenizer = WordTokenizer.from_file(data_path(cfg["vocabulary"]), cfg["arch"]["text_cfg"]["context_length"])
     model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab))
-    weights = Path(pretrained) if pretrained else project_path(cfg["weights"])
+    weights = Path(pretrained) if pretrained else data_path(cfg["weights"])
     load_into(model, load_state_dict(weights, trust_checkpoint), str(weights))
     adapter = OpenClipAdapter(model.float(), tokenizer, name=name)
     adapter.default_surgery_blocks = cfg["surgery"]["blocks"]
@@ -89,7 +89,7 @@ def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False)
 
     cfg = load_config("shapes-vit")
     model = build_vit(cfg)
-    weights = Path(pretrained) if pretrained else project_path(cfg["weights"])
+    weights = Path(pretrained) if pretrained else data_path(cfg["weights"])
     load_into(model, load_state_dict(weights, trust_checkpoint), str(weights))
     adapter = HFViTAdapter(model.float(), name="shapes-vit")
     adapter.mean, adapter.std = cfg["preprocess"]["mean"], cfg["preprocess"]["std"]
@@ -125,7 +125,7 @@ def register_bundled_hf(name: str) -> None:
 
         from xattn_cli.models.hf import load_hf
 
-        location = Path(pretrained) if pretrained else project_path(folder)
+        location = Path(pretrained) if pretrained else data_path(folder)
         if not (location / "config.json").is_file():
             raise UsageError(f"{name}: no model folder at {location} (config.json missing)")
         adapter = load_hf(str(location))

@@ -20,7 +20,7 @@ class ModelSpec:
     description: str
     loader: Callable[..., Any]  # ([argument,] pretrained, *, trust_checkpoint) -> adapter
     bundled: bool = False
-    weights: str | None = None  # project-relative path of bundled weights
+    weights: str | None = None  # bundled weights, named as configs name data ("assets/...")
     prefix: bool = False  # `name:ARGUMENT` forms, e.g. openclip:ViT-B-16
 
     @property
@@ -30,9 +30,9 @@ class ModelSpec:
     def weights_available(self) -> bool:
         if self.weights is None:
             return not self.bundled
-        from xattn_cli.config import project_path
+        from xattn_cli.config import data_path
 
-        return project_path(self.weights).is_file()
+        return data_path(self.weights).is_file()
 
 
 _MODELS: dict[str, ModelSpec] = {}
