@@ -37,6 +37,11 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         paths = expand_inputs(images, sys.stdin)
     except ValueError as error:
         raise fail(str(error)) from None
+    if resume and _all_finished(paths, out):  # nothing to explain: no model is loaded
+        if output_format is OutputFormat.json:
+            typer.echo("[]")
+        typer.echo(f"xattn: skipped {len(paths)} finished image(s) (--resume)", err=True)
+        return
     try:
         from xattn_cli.explainers.base import resolve_device
         from xattn_cli.runner import BatchRunner
@@ -74,6 +79,17 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         typer.echo(f"xattn: {summary.failed} of {summary.ok + summary.failed} image(s) failed; "
                    "see their error records", err=True)
         raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+def _all_finished(paths: list[str], out: Path) -> bool:
+    """Whether --resume would skip every image (a killed run's unfinished writes are removed, as a run would)."""
+    from xattn_cli.io.outputs import RESULTS_FILE_NAME, ResultsLog
+
+    if not (out / RESULTS_FILE_NAME).is_file():
+        return False
+    with ResultsLog(out) as log:
+        log.remove_unfinished_writes()
+        return set(paths) <= log.done_items()
 
 
 class _progress:

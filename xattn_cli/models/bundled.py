@@ -1,6 +1,8 @@
 """Registered models: the bundled shapes-* models, public aliases, and the `openclip:` / `hf:` prefixes."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 from xattn_cli.config import data_path, load_config
@@ -61,7 +63,7 @@ def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False)
 def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     import open_clip
 
-    from xattn_cli.models.checkpoints import load_into, load_state_dict
+    from xattn_cli.models.checkpoints import built_for_weights, load_into, load_state_dict
     from xattn_cli.models.openclip import OpenClipAdapter
 
     if arch not in open_clip.list_models():
@@ -69,13 +71,17 @@ def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint
     is_path = pretrained is not None and (Path(pretrained).exists() or "/" in pretrained or "." in pretrained)
     if pretrained is not None and not is_path:
         require_hub(f"open_clip {arch} weights {pretrained!r}", load_config("clip")["offline_alternative"])
+    state = load_state_dict(pretrained, trust_checkpoint) if is_path else None
     try:
-        model = open_clip.create_model(arch, pretrained=None if is_path else pretrained)
+        with built_for_weights() if state is not None else contextlib.nullcontext():
+            model = open_clip.create_model(arch, pretrained=None if is_path else pretrained)
     except Exception as error:  # download failures come in many types
         raise UsageError(f"cannot load open_clip {arch} weights {pretrained!r}: {type(error).__name__}; "
                          + OFFLINE_HINT.format(bundled=load_config("clip")["offline_alternative"])) from None
-    if is_path:
-        load_into(model, load_state_dict(pretrained, trust_checkpoint), pretrained)
+    if state is not None:
+        load_into(model, state, pretrained)
+    elif pretrained is None:
+        warnings.warn(f"openclip:{arch} runs with random weights (no --pretrained given)", stacklevel=2)
     return OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
 
 
@@ -165,4 +171,6 @@ def timm_model(name: str, pretrained: str | None = None, *, trust_checkpoint: bo
         raise UsageError(f"timm model {name!r} is not a plain ViT; relevancy needs one")
     if pretrained:
         load_into(model, load_state_dict(pretrained, trust_checkpoint), pretrained)
+    else:
+        warnings.warn(f"timm:{name} runs with random weights (no --pretrained given)", stacklevel=2)
     return TimmViTAdapter(model, name=f"timm:{name}")
