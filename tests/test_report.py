@@ -48,6 +48,24 @@ def test_page_shows_every_target_and_error_and_is_self_contained(run_folder):
     assert "Faithfulness benchmark: quality.json" in page and "FLAGGED" in page  # centre is flagged
 
 
+def test_a_folder_of_several_runs_shows_every_run_and_embeds_each_picture_once(tmp_path):
+    image, out = tmp_path / "scene.png", tmp_path / "out"
+    scene_at(6, 0, size=64, n_objects=2).image.save(image)
+    for command in (["relevancy", "--method", "chefer"], ["relevancy", "--method", "raw"], ["surgery"],
+                    ["surgery"]):  # the second surgery run retries the same image: only its latest record counts
+        ran = runner.invoke(app, [command[0], str(image), "--model", "shapes-clip", "--text", "a red circle",
+                                  *command[1:], "--out", str(out), "-f", "jsonl"])
+        assert ran.exit_code == 0, ran.output
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text()
+    for run in ("shapes-clip · chefer", "shapes-clip · raw", "shapes-clip · surgery"):
+        assert page.count(f"<td>{run}</td>") == 1, run
+    assert "3 records of 1 images by 3 model · method run(s)" in page
+    picture = re.findall(r"\.picture-0 \{ background-image: url\((data:image/png;base64,[^)]*)\)", page)
+    assert len(picture) == 1 and page.count(picture[0]) == 1
+    assert page.count('class="thumb picture-0"') == 3
+
+
 def test_missing_or_empty_folder_is_one_line_and_exit_2(tmp_path):
     for folder, message in ((tmp_path / "missing", "no such folder"), (tmp_path, "nothing to report")):
         result = runner.invoke(app, ["report", str(folder)])
@@ -107,7 +125,11 @@ def test_report_renders_in_headless_chromium_and_sorts_by_score(run_folder, brow
     browser.get((run_folder / "report.html").as_uri())
     assert browser.execute_script("return document.readyState") == "complete"
     widths = browser.execute_script("return Array.from(document.images, (image) => image.naturalWidth)")
-    assert len(widths) >= 9 and all(width > 0 for width in widths)  # plot + 4 pictures + 4 overlays
+    assert len(widths) >= 5 and all(width > 0 for width in widths)  # plot + 4 overlays
+    pictures = browser.execute_script("return Array.from(document.querySelectorAll('span.thumb'), "
+                                      "(span) => [getComputedStyle(span).backgroundImage, span.clientHeight])")
+    assert len(pictures) == 4  # two scenes × two targets; each original embedded once, shown on every row
+    assert all(image.startswith('url("data:image/png;base64,') and height > 0 for image, height in pictures)
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert severe == []
 

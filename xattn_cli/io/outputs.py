@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image
@@ -218,13 +218,16 @@ class ResultsLog:
 
 def latest_records(path: str | Path) -> dict[str, dict[str, Any]]:
     """The last record of each image in a results.jsonl file, in first-seen order (truncated lines skipped)."""
-    latest: dict[str, dict[str, Any]] = {}
+    return {record["image"]: record for record in read_records(path)}
+
+
+def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every record of a results.jsonl file, in file order (truncated and foreign lines skipped)."""
     with open(path, encoding="utf-8", errors="replace") as file:
         for line in file:
             record = _parse_record(line)
             if record is not None:
-                latest[record["image"]] = record
-    return latest
+                yield record
 
 
 def artifact_in(out_dir: str | Path, recorded: object) -> Path:

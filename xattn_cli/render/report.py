@@ -1,8 +1,9 @@
 """`xattn report`: one self-contained HTML page for a folder of results and/or benchmark runs.
 
 - A results folder (`results.jsonl` from `xattn surgery` / `xattn relevancy`) becomes a gallery: one row
-  per image and target with the image, its overlay, the score and the text tokens' relevance; an error
-  record gets a row with its message.
+  per image, model · method and target with the image, its overlay, the score and the text tokens'
+  relevance; an error record gets a row with its message. A folder that several runs wrote to (other
+  models or methods) shows each run's latest record of each image; each picture is embedded once.
 - Each `*.json` in the folder that `xattn bench quality --json` wrote becomes its tables and its plot.
 
 Images are embedded as PNG data URIs (thumbnails), so the page references nothing outside itself and can
@@ -22,7 +23,7 @@ from PIL import Image
 from xattn_cli.errors import UsageError
 from xattn_cli.eval import METRIC_LABELS
 from xattn_cli.io.images import ItemError, load_image
-from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, latest_records
+from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, read_records
 
 THUMBNAIL = 192  # longest side of an embedded image, in pixels
 TARGET_KEYS = {"target", "score", "overlay", "map", "tokens", "degenerate", "peak"}  # shown in their own columns
@@ -38,6 +39,8 @@ td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: 
 td.error { color: #a00; }
 small, .meta { color: #666; }
 img.thumb { width: 160px; height: auto; image-rendering: pixelated; }
+span.thumb { display: block; width: 160px; background-position: center; background-size: contain;
+             background-repeat: no-repeat; image-rendering: pixelated; }
 img.plot { max-width: 100%; }
 span.token { padding: 1px 3px; margin: 1px; border-radius: 3px; display: inline-block; }
 """
@@ -83,7 +86,7 @@ def build_report(folder: str | Path) -> str:
                 for path, run in _bench_runs(folder)]
     results = folder / RESULTS_FILE_NAME
     if results.is_file():
-        sections.append(_laid_out(results, lambda: _gallery(folder, list(latest_records(results).values()))))
+        sections.append(_laid_out(results, lambda: _gallery(folder, latest_per_run(results))))
     if not sections:
         raise UsageError(f"{folder}: nothing to report (no {RESULTS_FILE_NAME}, no `xattn bench quality --json` file)")
     title = f"xattn report: {folder.resolve().name}"
@@ -145,23 +148,44 @@ def _bench_section(path: Path, run: dict) -> str:
 
 
 # --- results gallery --------------------------------------------------------------------------------
+def latest_per_run(results: Path) -> list[dict[str, Any]]:
+    """The last record of each (image, model, method), in first-seen order: a resumed or retried image keeps
+    its latest record, and runs of other models or methods into the same folder keep theirs."""
+    latest = {(record["image"], record.get("model"), record.get("method")): record for record in read_records(results)}
+    return list(latest.values())
+
+
 def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
     thumbnails: dict[Path, str] = {}
+    pictures: dict[Path, tuple[str, str]] = {}  # original image → (CSS class, its one embedded thumbnail rule)
 
-    def picture(path: Path | None, alt: str) -> str:
+    def thumbnail(path: Path | None, alt: str) -> str:
         if path is None:
             return _cell(f"<small>{_escape(alt)} not found</small>", raw=True)
         if path not in thumbnails:
-            thumbnails[path] = _thumbnail(path)
+            thumbnails[path] = _thumbnail(path)[0]
         return _cell(f'<img class="thumb" alt="{_escape(alt)}" src="{thumbnails[path]}">' if thumbnails[path]
                      else f"<small>{_escape(alt)} unreadable</small>", raw=True)
+
+    def picture(path: Path | None) -> str:
+        """The original image: embedded once in a style rule, however many rows show it."""
+        if path is None:
+            return _cell("<small>image not found</small>", raw=True)
+        if path not in pictures:
+            uri, size = _thumbnail(path)
+            css = f"picture-{len(pictures)}"
+            pictures[path] = (css, f".{css} {{ background-image: url({uri}); aspect-ratio: {size[0]} / {size[1]}; }}"
+                              if uri else "")
+        css, rule = pictures[path]
+        return _cell(f'<span class="thumb {css}" role="img" aria-label="image"></span>' if rule
+                     else "<small>image unreadable</small>", raw=True)
 
     columns = [("image", "text"), ("picture", ""), ("model · method", "text"), ("target", "text"),
                ("score", "number"), ("overlay", ""), ("tokens", ""), ("details", "text")]
     rows, failed = [], 0
     for record in records:
         name = str(record["image"])
-        source = picture(_find(folder, name), "image")
+        source = picture(_find(folder, name))
         model = _cell(f"{record.get('model', '')} · {record.get('method', '')}")
         if record.get("status") != "ok":
             failed += 1
@@ -175,11 +199,15 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
                                 if key not in TARGET_KEYS and not isinstance(value, (list, dict)))
             rows.append([_cell(name), source, model, _cell(str(target["target"])),
                          _number(target["score"], f"{target['score']:.4f}"),
-                         picture(overlay if overlay and overlay.is_file() else None, "overlay"),
+                         thumbnail(overlay if overlay and overlay.is_file() else None, "overlay"),
                          _cell(_tokens(target.get("tokens") or []), raw=True), _cell(details)])
-    summary = f"{len(records)} images, {failed} failed; click a column header to sort"
-    return (f"<section><h2>Results: {_escape(folder.name)}</h2><p class=\"meta\">{_escape(summary)}</p>"
-            + _table(columns, rows) + "</section>")
+    images = len({record["image"] for record in records})
+    runs = len({(record.get("model"), record.get("method")) for record in records})
+    summary = (f"{len(records)} records of {images} images by {runs} model · method run(s), {failed} failed; "
+               "click a column header to sort")
+    styles = "\n".join(rule for _, rule in pictures.values() if rule)
+    return (f"<section><h2>Results: {_escape(folder.name)}</h2><style>{styles}</style>"
+            f"<p class=\"meta\">{_escape(summary)}</p>" + _table(columns, rows) + "</section>")
 
 
 def _find(folder: Path, recorded: str) -> Path | None:
@@ -229,13 +257,14 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _thumbnail(path: Path) -> str:
-    """A PNG data URI of the image, its longest side at most THUMBNAIL pixels; '' when it cannot be read."""
+def _thumbnail(path: Path) -> tuple[str, tuple[int, int]]:
+    """A PNG data URI of the image, its longest side at most THUMBNAIL pixels, and its (W, H); ('', (0, 0))
+    when it cannot be read."""
     try:
         image = load_image(path)
     except ItemError:
-        return ""
+        return "", (0, 0)
     image.thumbnail((THUMBNAIL, THUMBNAIL), Image.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return _png_uri(buffer.getvalue())
+    return _png_uri(buffer.getvalue()), image.size
