@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -15,9 +16,7 @@ def models(output_format: opt.FormatOpt = None) -> None:
 
     rows = [{"name": spec.display_name,
              "family": spec.family, "methods": list(spec.methods), "bundled": spec.bundled,
-             "weights": "bundled" if spec.bundled and spec.weights_available()
-             else "missing" if spec.bundled else "download or --pretrained",
-             "description": spec.description} for spec in list_models()]
+             "weights": _weights_here(spec), "description": spec.description} for spec in list_models()]
     output_format = resolve_format(output_format)
     if output_format is opt.OutputFormat.table:
         from rich.console import Console
@@ -32,3 +31,22 @@ def models(output_format: opt.FormatOpt = None) -> None:
     else:
         for row in rows:
             typer.echo(json.dumps(row))
+
+
+def _weights_here(spec) -> str:
+    """Whether this machine holds the weights: bundled, in the Hugging Face cache (what an offline run reads),
+    or not here (the first run downloads them; `--pretrained` names a local file or folder instead)."""
+    if spec.bundled:
+        return "bundled" if spec.weights_available() else "missing (reinstall xattn)"
+    if spec.prefix:
+        return "named by the argument or --pretrained"
+    from huggingface_hub import constants
+
+    from xattn_cli.config import load_config
+
+    config = load_config(spec.name)
+    repo = config.get("hub_cache") or config["source"].removeprefix("hf:")
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return "in the Hugging Face cache"
+    return "not here (downloads on first use)"

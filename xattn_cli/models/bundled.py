@@ -59,7 +59,8 @@ def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False)
 
 
 @register_model("openclip", "clip", ("surgery", "relevancy"), "open_clip architecture by name; --pretrained TAG|PATH "
-                "(random weights without it)", prefix=True)
+                "(random weights without it); image towers: ViT, ModifiedResNet, timm ViT/SigLIP/EVA02",
+                prefix=True)
 def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     import open_clip
 
