@@ -53,8 +53,11 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
     except UsageError as error:
         raise fail(str(error)) from None
     collected: list[dict[str, Any]] = []  # only for json and table, which print at the end
+    degenerate = 0  # constant maps: no signal, often wrong weights or tokenizer files
 
     def emit(record: dict[str, Any]) -> None:
+        nonlocal degenerate
+        degenerate += sum(bool(target.get("degenerate")) for target in record.get("targets", []))
         if output_format is OutputFormat.jsonl:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
             sys.stdout.flush()
@@ -73,6 +76,9 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         typer.echo(json.dumps(collected, ensure_ascii=False, indent=2))
     elif output_format is OutputFormat.table:
         _print_table(collected)
+    if degenerate:
+        typer.echo(f"xattn: {degenerate} map(s) are degenerate (constant, no signal); check the weights and "
+                   "tokenizer files", err=True)
     if summary.skipped:
         typer.echo(f"xattn: skipped {summary.skipped} finished image(s) (--resume)", err=True)
     if summary.failed:
@@ -127,7 +133,8 @@ def _print_table(records: list[dict[str, Any]]) -> None:
         if not record["targets"]:
             table.add_row(record["image"], "ok", "(none)", "", "", "")
         for target in record["targets"]:
-            table.add_row(record["image"], "ok", _target_cell(target), f"{target['score']:.4f}", str(target["peak"]),
+            status = "[yellow]degenerate[/yellow]" if target.get("degenerate") else "ok"
+            table.add_row(record["image"], status, _target_cell(target), f"{target['score']:.4f}", str(target["peak"]),
                           target["overlay"])
     Console().print(table)
 

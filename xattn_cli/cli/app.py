@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -49,21 +50,18 @@ app.add_typer(bench_cli.app, name="bench")
 
 def main() -> None:
     """Console entry point: usage and unexpected errors are one line (XATTN_DEBUG=1 shows tracebacks)."""
-    try:  # typer ≥ 0.16 vendors click
-        from typer._click import exceptions as click_errors
-    except ImportError:
-        from click import exceptions as click_errors
-
+    click_exception, abort = _click_errors()
+    warnings.formatwarning = _warning_line
     try:
         code = app(standalone_mode=False)
-    except click_errors.ClickException as error:
+    except click_exception as error:
         if type(error).__name__ == "NoArgsIsHelpError":
             error.show()  # the help text, as with --help
         else:
             message = " ".join(error.format_message().split())
             typer.echo(f"xattn: error: {message} (see --help)", err=True)
         sys.exit(error.exit_code)
-    except (KeyboardInterrupt, click_errors.Abort):
+    except (KeyboardInterrupt, abort):
         typer.echo("xattn: interrupted", err=True)
         sys.exit(130)
     except Exception as error:  # a bug, not a user error: keep stderr to one line unless debugging
@@ -72,3 +70,22 @@ def main() -> None:
         typer.echo(f"xattn: internal error: {type(error).__name__}: {error}".splitlines()[0], err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_errors() -> tuple[type[Exception], type[BaseException]]:
+    """(ClickException, Abort) of the click typer runs on: typer ≥ 0.16 vendors click, and later versions
+    keep `Abort` in `typer.exceptions` instead."""
+    import typer.exceptions
+
+    try:
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+    abort = getattr(click_errors, "Abort", None) or getattr(typer.exceptions, "Abort", KeyboardInterrupt)
+    return click_errors.ClickException, abort
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *location: object) -> str:
+    """Warnings as one stderr line each, like xattn's other notes."""
+    text = str(message).strip().splitlines()
+    return f"xattn: warning: {text[0] if text else category.__name__}\n"

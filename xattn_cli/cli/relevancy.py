@@ -32,7 +32,8 @@ def relevancy(
     text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="CLIP models: a text to explain; repeat for several.")] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Classifiers: a label or index [default: the predicted class(es)].")] = None,
     question: Annotated[Optional[list[str]], typer.Option("--question", help="VQA models (LXMERT, VisualBERT): a question to explain; repeat for several.")] = None,
-    answer: Annotated[Optional[str], typer.Option("--answer", help="VQA models: explain this answer [default: the predicted one].")] = None,
+    answer: Annotated[Optional[str], typer.Option("--answer", help="VQA models: explain this answer, a label or an index [default: the predicted one].")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Classifiers and VQA models: names of the classes or answers, a JSON list, a JSON map (index → name or name → index) or one name a line.", show_default=False)] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="VQA models: region boxes + features per image, .npz (names, features, boxes[, counts]) [default: the model's grid regions].", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="DETR: explain each detection whose class probability exceeds this [default: 0.5].", show_default=False)] = None,
     method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam (LXMERT, VisualBERT, DETR: no rollout).")] = Method.chefer,
@@ -57,6 +58,10 @@ def relevancy(
         from xattn_cli.models.registry import load_model
 
         adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
+        if labels is not None:
+            from xattn_cli.models.labels import apply_labels
+
+            apply_labels(adapter, labels)
         return build_relevancy(adapter, method=method.value, texts=text or [], targets=target or [],
                                start_layer=start_layer, precision=precision.value, questions=question or [],
                                answer=answer, features=features, threshold=threshold)

@@ -54,6 +54,9 @@ class SurgeryExplainer:
         if min(grid) < 1:
             raise UsageError(f"--size {self.size[1]}x{self.size[0]} is smaller than one patch")
         depth = adapter.surgery_depth
+        if blocks is not None and depth is None:
+            raise UsageError(f"surgery blocks do not apply to {adapter.name}: a ResNet's attention pool is its "
+                             "only attention")
         if blocks is not None and depth is not None and not 1 <= blocks <= depth:
             raise UsageError(f"--blocks must be in 1..{depth} for {adapter.name}, got {blocks}")
         self.blocks = blocks

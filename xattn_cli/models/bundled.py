@@ -25,6 +25,23 @@ def require_hub(what: str, bundled: str) -> None:
         raise UsageError(f"cannot download {what}: " + OFFLINE_HINT.format(bundled=bundled)) from None
 
 
+def local_or_hub(repo: str, bundled: str) -> str:
+    """A folder as is; a hub repo id as is when the hub can be reached, else its snapshot in the Hugging
+    Face cache (HF_HOME / HF_HUB_CACHE), the offline workflow; a usage error when it is in neither."""
+    from xattn_cli.models.hf import cached_snapshot
+
+    if Path(repo).exists():
+        return repo
+    try:
+        require_hub(repo, bundled)
+    except UsageError as error:
+        snapshot = cached_snapshot(repo)
+        if snapshot is None:
+            raise UsageError(f"{error} (and {repo} is not in the Hugging Face cache)") from None
+        return snapshot
+    return repo
+
+
 @register_model("shapes-clip", "clip", ("surgery", "relevancy"), "open_clip ViT CLIP trained on the shapes world",
                 bundled=True, weights="assets/weights/shapes-clip.safetensors")
 def shapes_clip(pretrained: str | None = None, *, trust_checkpoint: bool = False):
@@ -55,35 +72,48 @@ def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool 
 def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
     cfg = load_config("clip")
     arch = cfg["source"].removeprefix("openclip:")
-    return openclip_model(arch, pretrained or cfg["pretrained"], trust_checkpoint=trust_checkpoint)
+    return openclip_model(arch, pretrained or cfg["pretrained"], trust_checkpoint=trust_checkpoint,
+                          weights_tag=cfg["pretrained"])  # a file given here holds the alias's weights
 
 
 @register_model("openclip", "clip", ("surgery", "relevancy"), "open_clip architecture by name; --pretrained TAG|PATH "
                 "(random weights without it); image towers: ViT, ModifiedResNet, timm ViT/SigLIP/EVA02",
                 prefix=True)
-def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
+def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False,
+                   weights_tag: str | None = None):
+    """`pretrained` is an open_clip tag or a file; a file is read as weights of `weights_tag` (the alias's
+    tag) when given. The model is built as open_clip builds it for that tag (QuickGELU for OpenAI's
+    weights, and for TorchScript archives, which are OpenAI's), with the tag's mean and std."""
     import open_clip
 
-    from xattn_cli.models.checkpoints import built_for_weights, load_into, load_state_dict
+    from xattn_cli.models.checkpoints import built_for_weights, is_torchscript, load_into, load_state_dict
     from xattn_cli.models.openclip import OpenClipAdapter
 
     if arch not in open_clip.list_models():
         raise UsageError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
     is_path = pretrained is not None and (Path(pretrained).exists() or "/" in pretrained or "." in pretrained)
-    if pretrained is not None and not is_path:
-        require_hub(f"open_clip {arch} weights {pretrained!r}", load_config("clip")["offline_alternative"])
+    tag = None if is_path else pretrained
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag or weights_tag or "")
+    if tag is not None and not tag_cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise UsageError(f"open_clip {arch} has no pretrained tag {tag!r} (tags: {tags}); or give a file")
     state = load_state_dict(pretrained, trust_checkpoint) if is_path else None
+    quick_gelu = bool(tag_cfg.get("quick_gelu")) or (is_path and is_torchscript(Path(pretrained)))
+    if tag is not None:
+        require_hub(f"open_clip {arch} weights {tag!r}", load_config("clip")["offline_alternative"])
     try:
         with built_for_weights() if state is not None else contextlib.nullcontext():
-            model = open_clip.create_model(arch, pretrained=None if is_path else pretrained)
+            model = open_clip.create_model(arch, pretrained=tag, force_quick_gelu=quick_gelu)
     except Exception as error:  # download failures come in many types
         raise UsageError(f"cannot load open_clip {arch} weights {pretrained!r}: {type(error).__name__}; "
                          + OFFLINE_HINT.format(bundled=load_config("clip")["offline_alternative"])) from None
     if state is not None:
         load_into(model, state, pretrained)
-    elif pretrained is None:
+    elif tag is None:
         warnings.warn(f"openclip:{arch} runs with random weights (no --pretrained given)", stacklevel=2)
-    return OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
+    adapter = OpenClipAdapter(model, open_clip.get_tokenizer(arch), name=f"openclip:{arch}")
+    adapter.mean, adapter.std = tag_cfg.get("mean", adapter.mean), tag_cfg.get("std", adapter.std)
+    return adapter
 
 
 @register_model("shapes-vit", "vit", ("relevancy",), "Hugging Face ViT: which shapes are in the scene",
@@ -111,12 +141,10 @@ def register_hf_alias(name: str) -> None:
 
     @register_model(name, cfg["family"], ("relevancy",), cfg["description"])
     def load(pretrained: str | None = None, *, trust_checkpoint: bool = False):
-        location = pretrained or cfg["source"].removeprefix("hf:")
-        if not Path(location).exists():
-            require_hub(location, cfg["offline_alternative"])
         from xattn_cli.models.hf import load_hf
 
-        return load_hf(location)
+        repo = pretrained or cfg["source"].removeprefix("hf:")
+        return load_hf(local_or_hub(repo, cfg["offline_alternative"]), name=f"hf:{repo}")
 
 
 def register_bundled_hf(name: str) -> None:
@@ -150,11 +178,11 @@ for _family in ("lxmert", "visualbert", "detr"):
 @register_model("hf", "auto", ("surgery", "relevancy"), "Hugging Face model folder or repo; the family comes from "
                 "its config: clip, vit, lxmert, visualbert (--question), detr (detections)", prefix=True)
 def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
-    if not Path(location).exists():
-        require_hub(location, "shapes-* model of the same family")
     from xattn_cli.models.hf import load_hf
 
-    return load_hf(location)
+    if pretrained is not None:
+        raise UsageError(f"--pretrained does not apply to hf:{location}: the folder or repo holds the weights")
+    return load_hf(local_or_hub(location, "shapes-* model of the same family"), name=f"hf:{location}")
 
 
 @register_model("timm", "vit", ("relevancy",), "timm ViT by name; --pretrained PATH (random weights without it)",
@@ -167,11 +195,13 @@ def timm_model(name: str, pretrained: str | None = None, *, trust_checkpoint: bo
 
     if name not in timm.list_models():
         raise UsageError(f"unknown timm model {name!r} (see timm.list_models())")
-    model = timm.create_model(name, pretrained=False)
+    state = load_state_dict(pretrained, trust_checkpoint) if pretrained else {}
+    head = state.get("head.weight")  # a fine-tuned head sets the class count (--labels names the classes)
+    model = timm.create_model(name, pretrained=False, **({} if head is None else {"num_classes": head.shape[0]}))
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise UsageError(f"timm model {name!r} is not a plain ViT; relevancy needs one")
-    if pretrained:
-        load_into(model, load_state_dict(pretrained, trust_checkpoint), pretrained)
+    if state:
+        load_into(model, state, pretrained)
     else:
         warnings.warn(f"timm:{name} runs with random weights (no --pretrained given)", stacklevel=2)
     return TimmViTAdapter(model, name=f"timm:{name}")

@@ -1,9 +1,16 @@
-"""Safe weight loading: safetensors first, `torch.load(weights_only=True)` otherwise."""
+"""Safe weight loading: safetensors first, `torch.load(weights_only=True)` otherwise.
+
+Accepted layouts: a bare state dict, a training checkpoint that wraps it (`{"state_dict": ...}`,
+`{"model": ...}`, with or without DataParallel's `module.` prefix), and OpenAI's original CLIP `.pt`
+TorchScript archives (code, so only with `trust_checkpoint`, as for pickle).
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,9 +28,11 @@ def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[st
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return _unprefixed(load_file(str(path)))
         except Exception as error:  # safetensors raises several types for bad headers
             raise UsageError(f"cannot read checkpoint {path}: {error}") from None
+    if is_torchscript(path):
+        return _torchscript_state_dict(path, trust_checkpoint)
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError:
@@ -31,17 +40,48 @@ def load_state_dict(path: str | Path, trust_checkpoint: bool = False) -> dict[st
                          "--trust-checkpoint only if you trust its source, or convert it to safetensors") from None
     except Exception as error:
         raise UsageError(f"cannot read checkpoint {path}: {type(error).__name__}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UsageError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    return state
+    for wrapper in ("state_dict", "model"):  # training checkpoints: {"epoch": ..., "state_dict": {...}}
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
+        raise UsageError(f"checkpoint {path} holds no state dict of tensors (looked at the file, its "
+                         "'state_dict' and its 'model')")
+    return _unprefixed(state)
+
+
+def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without DataParallel's `module.` prefix."""
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether `path` is a TorchScript archive (a zip holding `code/`), like OpenAI's CLIP `.pt` files."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
+def _torchscript_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive, read as open_clip reads OpenAI's: the archive's own scalars
+    (input_resolution, context_length, vocab_size) are not weights."""
+    if not trust_checkpoint:
+        raise UsageError(f"checkpoint {path} is a TorchScript archive, which holds code; pass "
+                         "--trust-checkpoint only if you trust its source, or convert it to safetensors")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as error:
+        raise UsageError(f"cannot read TorchScript checkpoint {path}: {type(error).__name__}") from None
+    return {key: value for key, value in state.items()
+            if key not in ("input_resolution", "context_length", "vocab_size")}
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load `state`, naming the first mismatched key on failure."""
     expected = model.state_dict()
-    state = {key.removeprefix("module."): value for key, value in state.items()}
     for key, tensor in expected.items():
         if key not in state:
             raise UsageError(f"checkpoint {source} does not fit the architecture: missing key {key!r}")

@@ -7,8 +7,15 @@ from pathlib import Path
 from xattn_cli.errors import UsageError
 
 
-def load_hf(location: str):
-    """A `save_pretrained` folder (or a hub repo id, when a network is there) as an adapter.
+TOKENIZER_FILES = {  # what a folder needs for its texts to tokenize: any one of the sets
+    "clip": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+    "bert": (("tokenizer.json",), ("vocab.txt",)),
+}
+
+
+def load_hf(location: str, name: str | None = None):
+    """A `save_pretrained` folder (or a hub repo id, when a network is there) as an adapter named `name`
+    (default `hf:LOCATION`).
 
     transformers' loading progress bar is off meanwhile: stderr is for xattn's own lines.
     """
@@ -17,10 +24,35 @@ def load_hf(location: str):
     was_enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
-        return _load_by_family(location)
+        adapter = _load_by_family(location)
     finally:
         if was_enabled:
             logging.enable_progress_bar()
+    adapter.name = name or f"hf:{location}"
+    return adapter
+
+
+def cached_snapshot(repo: str) -> str | None:
+    """The folder of `repo`'s snapshot in the Hugging Face cache (refs/main), or None when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception:  # not cached, or not a repo id: the caller says why in one line
+        return None
+
+
+def require_tokenizer_files(location: str, kind: str) -> None:
+    """A usage error when a local folder lacks tokenizer files: transformers would build an empty tokenizer
+    and every text would become the same ids (equal scores, flat maps)."""
+    folder = Path(location)
+    if not folder.is_dir():
+        return  # a hub repo id: transformers fetches them
+    choices = TOKENIZER_FILES[kind]
+    if not any(all((folder / file).is_file() for file in files) for files in choices):
+        wanted = " or ".join(" + ".join(files) for files in choices)
+        raise UsageError(f"{location} has no tokenizer files ({wanted}); copy them from the model's original "
+                         "repo (save its tokenizer with save_pretrained)")
 
 
 def _load_by_family(location: str):
@@ -47,9 +79,16 @@ def _json_file(location: str, name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def image_processor_config(location: str) -> dict:
+    """The folder's image-processor settings: `preprocessor_config.json`, or the "image_processor" part of
+    the `processor_config.json` that transformers 5 writes; {} when it has neither."""
+    config = _json_file(location, "preprocessor_config.json")
+    return config or _json_file(location, "processor_config.json").get("image_processor", {})
+
+
 def _with_processor_statistics(adapter, location: str):
-    """The adapter, with the mean and std of the folder's `preprocessor_config.json` if it has one."""
-    processor = _json_file(location, "preprocessor_config.json")
+    """The adapter, with the mean and std of the folder's image processor if it has one."""
+    processor = image_processor_config(location)
     adapter.mean = processor.get("image_mean", adapter.mean)
     adapter.std = processor.get("image_std", adapter.std)
     return adapter
@@ -72,6 +111,7 @@ def _load_clip(location: str):
 
     from xattn_cli.models.hf_clip import HFClipAdapter
 
+    require_tokenizer_files(location, "clip")
     try:
         model = transformers.CLIPModel.from_pretrained(location, attn_implementation="eager")
         tokenizer = transformers.AutoTokenizer.from_pretrained(location)
@@ -100,6 +140,7 @@ def _load_region_vqa(location: str, model_type: str):
 
     model_class, adapter_class = {"lxmert": (transformers.LxmertForQuestionAnswering, LxmertAdapter),
                                   "visual_bert": (transformers.VisualBertForQuestionAnswering, VisualBertAdapter)}[model_type]
+    require_tokenizer_files(location, "bert")
     try:
         model = model_class.from_pretrained(location)
         tokenizer = transformers.AutoTokenizer.from_pretrained(location)
@@ -117,7 +158,7 @@ def _load_detr(location: str):
         model = transformers.DetrForObjectDetection.from_pretrained(location)
     except Exception as error:
         raise UsageError(f"cannot load DETR from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
-    size = _json_file(location, "preprocessor_config.json").get("size", {})
+    size = image_processor_config(location).get("size", {})
     side = size.get("shortest_edge", 800)
     adapter = DetrAdapter(model.float(), name=f"hf:{location}", size=(size.get("height", side), size.get("width", side)))
     return _with_processor_statistics(adapter, location)

@@ -1,6 +1,7 @@
 """Hugging Face `CLIPModel` as a `ClipAdapter` (same surgery method, HF module names)."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -51,7 +52,12 @@ class HFClipAdapter(ClipAdapter):
         return len(self.model.vision_model.encoder.layers)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Texts longer than the text tower's positions are cut, end-of-text kept last, as open_clip does."""
+        length = self.model.config.text_config.max_position_embeddings
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
+        if batch["input_ids"].shape[1] > length:
+            warnings.warn(f"a text is longer than the {length} tokens {self.name} reads; it is truncated")
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
     def encode_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -193,8 +193,11 @@ class RegionVqaAdapter(Adapter):
         return self.tokenizer.convert_ids_to_tokens(batch["input_ids"][row, :length].tolist())
 
     def target_index(self, answer: str) -> int:
+        """An answer name or an index."""
         if answer in self.answers:
             return self.answers.index(answer)
+        if answer.isdigit() and int(answer) < len(self.answers):
+            return int(answer)
         raise UsageError(f"unknown answer {answer!r}; this model's answers: {', '.join(self.answers[:20])}"
                          + (" ..." if len(self.answers) > 20 else ""))
 
