@@ -469,3 +469,17 @@ def test_an_unexpected_exception_is_one_stderr_line(files, tmp_path):
     completed = xattn("surgery", files["scene.png"], "--text", "red", "--out", tmp_path, prelude=prelude)
     assert completed.returncode == 1
     assert completed.stderr.splitlines() == ["xattn: internal error: RuntimeError: injected"]
+
+
+def test_options_that_do_not_apply_are_usage_errors(files):
+    """--precision on a region model (it runs in fp32) and --labels on a detector: refused, not ignored."""
+    from xattn_cli.errors import UsageError
+    from xattn_cli.explainers import build_relevancy
+    from xattn_cli.models.labels import apply_labels
+    from xattn_cli.models.registry import load_model
+
+    lxmert = load_model(f"hf:{files['lxmert']}")
+    with pytest.raises(UsageError, match="precision"):
+        build_relevancy(lxmert, method="chefer", questions=["what colour is the star ?"], precision="bf16")
+    with pytest.raises(UsageError, match="--labels is for classifiers and VQA models"):
+        apply_labels(load_model("shapes-detr"), files["five.json"])
