@@ -82,11 +82,20 @@ def test_questions_give_answers_tokens_overlays_and_maps(folders, images, tmp_pa
     for target, want in zip(record["targets"], expected):
         assert target["answer"] in ANSWERS and target["answer"] == target["predicted"] == want.extra["answer"]
         assert target["score"] == pytest.approx(want.score, abs=1e-5)
-        words = target["question"].split()  # VisualBERT explains its pooled token, the last word: not listed
-        assert [t["token"] for t in target["tokens"]] == (words if family == "lxmert" else words[:-1])
+        assert [t["token"] for t in target["tokens"]] == target["question"].split()
         assert all(0 <= t["relevance"] <= 1 for t in target["tokens"])
+        assert max(t["relevance"] for t in target["tokens"]) == 1  # one rule for every model: the top token is 1
         assert target["tokens"] == want.extra["tokens"]
         assert_map_file(target, want.map)
+
+
+@pytest.mark.parametrize("family", ["lxmert", "visualbert"])
+def test_a_question_without_question_mark_keeps_its_last_word(folders, images, tmp_path, family):
+    """VisualBERT's head pools the token before [SEP]: the "?" or, without one, the last word, still listed."""
+    result = invoke(tmp_path, images[0], "--model", f"hf:{folders[family]}", "--question", "what colour is the star")
+    assert result.exit_code == 0, result.output
+    (target,) = json.loads(result.stdout)["targets"]
+    assert [t["token"] for t in target["tokens"]] == ["what", "colour", "is", "the", "star"]
 
 
 def test_answer_option_explains_that_answer(folders, images, tmp_path):

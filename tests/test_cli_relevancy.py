@@ -67,7 +67,8 @@ def test_clip_relevancy_gives_token_relevance(image, tmp_path):
     assert [t["target"] for t in targets] == ["a red circle", "a blue star"]
     for target in targets:
         assert [t["token"] for t in target["tokens"]] == target["target"].split()
-        assert sum(t["relevance"] for t in target["tokens"]) == pytest.approx(1, abs=1e-4)
+        relevances = [t["relevance"] for t in target["tokens"]]
+        assert max(relevances) == 1 and min(relevances) >= 0  # the rule of every model: the top token is 1
 
 
 @pytest.mark.parametrize("args, message", [

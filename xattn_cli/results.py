@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+
+def token_relevances(words: Sequence[str], relevance: Sequence[float]) -> list[dict[str, Any]]:
+    """The "tokens" of a target, one rule for every model: each shown token's relevance divided by the largest
+    among them, so the most relevant token is 1 and a token with none is 0 (all 0 when no token has any)."""
+    values = np.clip(np.asarray(relevance, dtype=np.float64), 0, None)
+    top = float(values.max()) if values.size else 0.0
+    scaled = values / top if top > 0 else np.zeros_like(values)
+    return [{"token": word, "relevance": round(float(value), 6)} for word, value in zip(words, scaled)]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from xattn_cli.methods.relevancy import NEEDS_GRADIENTS, self_attention_relevanc
 from xattn_cli.methods.surgery import min_max
 from xattn_cli.models.detr import boxes_to_pixels, feature_grid
 from xattn_cli.models.regions import NpzRegions, Regions, RegionSource, regions_to_map
-from xattn_cli.results import TargetMap
+from xattn_cli.results import TargetMap, token_relevances
 
 DEFAULT_THRESHOLD = 0.5
 """DETR: a query is a detection when its most probable class exceeds this probability."""
@@ -116,10 +116,9 @@ class VqaRelevancy:
         return rows[:, :text_length], rows[:, text_length:]
 
     def _words(self, batch: dict[str, torch.Tensor], i: int) -> slice:
-        """The question's word tokens: between [CLS] and [SEP] (LXMERT); before the pooled token (VisualBERT)."""
-        if self.adapter.family == "lxmert":
-            return slice(1, int(batch["attention_mask"][i].sum()) - 1)
-        return slice(1, int(self.adapter.pooled_index(batch)[i]))
+        """The question's word tokens: between [CLS] and [SEP]. VisualBERT's head pools the last of them (the
+        "?", or the last word of a question without one), which is listed too."""
+        return slice(1, int(batch["attention_mask"][i].sum()) - 1)
 
     def explain(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> list[list[TargetMap]]:
         adapter = self.adapter
@@ -139,11 +138,8 @@ class VqaRelevancy:
     def _target(self, question, i, image, batch, regions: Regions, logits, answer, text_row, region_row):
         adapter = self.adapter
         size = (image.height, image.width)
-        length = int(batch["attention_mask"][i].sum())
-        text = _unit(text_row[:length])  # min-max over the whole row, as the reference's perturbation code
         words = self._words(batch, i)
-        tokens = [{"token": w, "relevance": round(float(r), 6)}
-                  for w, r in zip(adapter.token_words(batch, i)[words], text[words])]
+        tokens = token_relevances(adapter.token_words(batch, i)[words], text_row[words].tolist())
         real = regions.mask[i] > 0
         if regions.grid is not None:
             heat, degenerate = relevance_map(region_row[real], regions.grid, size)

@@ -18,7 +18,7 @@ from xattn_cli.errors import UsageError
 from xattn_cli.io.images import ItemError
 from xattn_cli.methods.relevancy import METHODS, NEEDS_GRADIENTS, token_relevance
 from xattn_cli.methods.surgery import min_max
-from xattn_cli.results import TargetMap
+from xattn_cli.results import TargetMap, token_relevances
 
 
 @contextlib.contextmanager
@@ -281,8 +281,7 @@ class ClipRelevancy:
                 for i, image in enumerate(images):
                     heat, degenerate = relevance_map(image_relevance[i, 0, 1:], grid, (image.height, image.width))
                     row = text_relevance[i, end, 1:end]  # the pooled row, start and end tokens dropped
-                    row = row / row.sum() if float(row.sum()) > 0 else row
-                    entries = [{"token": w, "relevance": round(float(r), 6)} for w, r in zip(words[1:end], row)]
+                    entries = token_relevances(words[1:end], row.tolist())
                     results[i].append(TargetMap(text, float(similarity[i].detach()), heat, degenerate, {"tokens": entries}))
         return results
 
