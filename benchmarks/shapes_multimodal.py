@@ -25,7 +25,9 @@ import torch
 from _report import report
 from xattn_cli.config import load_config
 from xattn_cli.eval.metrics import pointing
-from xattn_cli.explainers.multimodal import METHODS, DetectionRelevancy, VqaRelevancy
+from xattn_cli.explainers.detection import DetectionRelevancy
+from xattn_cli.explainers.vqa import VqaRelevancy
+from xattn_cli.methods import method_names
 from xattn_cli.models.registry import load_model
 from xattn_cli.world.shapes import scene_at
 
@@ -74,9 +76,9 @@ def detr_pointing(adapter, method: str, scenes: int) -> tuple[list[float], list[
 
 def measure(name: str, scenes: int) -> dict[str, float]:
     adapter = load_model(name)
-    detector = adapter.family == "detr"
+    detector = adapter.layout.task == "detect"
     figures = {f"{name} {key}": value for key, value in (detr_map if detector else vqa_accuracy)(adapter).items()}
-    for method in METHODS:
+    for method in method_names("relevancy", adapter.layout.rule):
         hits, right = (detr_pointing if detector else vqa_pointing)(adapter, method, scenes)
         figures[f"{name} pointing {method}"] = _mean(hits)
         if not detector:

@@ -19,7 +19,7 @@ from _report import report
 from xattn_cli.config import load_config
 from xattn_cli.eval.metrics import pointing
 from xattn_cli.eval.quality import ClassifierTask, scene_targets
-from xattn_cli.methods.relevancy import METHODS
+from xattn_cli.methods import method_names
 from xattn_cli.models.bundled import shapes_vit
 from xattn_cli.train.shapes_vit import evaluate
 from xattn_cli.world.shapes import SHAPES, scene_at
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     adapter = shapes_vit(args.weights)
     figures = evaluate(adapter.model, load_config("shapes-vit"), n=2 * args.scenes)
-    for method in METHODS:
+    for method in method_names("relevancy", "self"):
         figures[f"pointing_{method}"] = pointing_game(adapter, method, args.scenes)
     report(figures, args.json)
 

@@ -45,7 +45,7 @@ def test_surgery_rows_include_both_official_loops(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "shapes-vit", "--method", "surgery"], "not a CLIP model"),
+    (["--model", "shapes-vit", "--method", "surgery"], "has no surgery"),
     (["--method", "gradcam++"], "unknown method"),
     (["--texts", "99"], "--texts"),
     (["--model", "no-such-model"], "unknown model"),

@@ -52,7 +52,8 @@ def invoke(tmp_path: Path, *args: str):
 
 def direct(folder: Path, image: Path, **options):
     """What the library explainer gives for one image, called without the CLI."""
-    from xattn_cli.explainers.multimodal import DetectionRelevancy, VqaRelevancy
+    from xattn_cli.explainers.detection import DetectionRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
     from xattn_cli.models.registry import load_model
 
     adapter = load_model(f"hf:{folder}")
@@ -181,7 +182,7 @@ def test_features_file_gives_region_boxes_and_a_painted_map(folders, images, tmp
 
 
 def test_precomputed_regions_need_the_image_names(folders, images, tmp_path):
-    from xattn_cli.explainers.multimodal import VqaRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
     from xattn_cli.models.regions import NpzRegions
     from xattn_cli.models.registry import load_model
 
@@ -205,7 +206,7 @@ def test_image_missing_from_features_file_is_an_error_record(folders, images, tm
 
 
 @pytest.mark.parametrize("family, args, message", [
-    ("lxmert", [], "--question must be given"),
+    ("lxmert", [], "needs --question"),
     ("lxmert-bare", ["--question", "what shape ?"], "--features"),
     ("lxmert", ["--question", "what shape ?", "--features", "missing.npz"], "cannot read region features"),
     ("lxmert", ["--question", "what shape ?", "--features", "{not_npz}"], "cannot read region features"),
@@ -213,12 +214,12 @@ def test_image_missing_from_features_file_is_an_error_record(folders, images, tm
     ("lxmert", ["--question", "what shape ?", "--features", "{empty}"], "cannot read region features"),
     ("lxmert", ["--question", "what shape ?", "--answer", "purple"], "unknown answer"),
     ("lxmert", ["--question", "what shape ?", "--text", "a star"], "--text is for CLIP models"),
-    ("lxmert", ["--question", "what shape ?", "--method", "rollout"], "supports --method chefer, raw, attn-gradcam"),
+    ("lxmert", ["--question", "what shape ?", "--method", "rollout"], "supports --method chefer, raw, attn-gradcam, not 'rollout'"),
     ("visualbert", ["--question", "what shape ?", "--threshold", "0.3"], "--threshold is for detection"),
     ("visualbert", ["--question", "what shape ?", "--precision", "bf16"], "--precision is for ViT and CLIP"),
     ("detr", ["--text", "a star"], "--text is for CLIP models"),
     ("detr", ["--question", "what shape ?"], "--question is for VQA models"),
-    ("detr", ["--method", "rollout"], "supports --method chefer, raw, attn-gradcam"),
+    ("detr", ["--method", "rollout"], "supports --method chefer, raw, attn-gradcam, not 'rollout'"),
     ("shapes-vit", ["--question", "what shape ?"], "--question is for VQA models"),
 ])
 def test_usage_errors_are_one_line(folders, images, tmp_path, family, args, message):

@@ -370,7 +370,7 @@ def _detr_reference(model, image: Image.Image, query: int, residual: str = "guar
 
 def _package_rows(adapter, tokenizer, questions, images, answer: str | None = None):
     """The package's relevance rows on a float64 copy: logits, answers, text rows, region rows."""
-    from xattn_cli.explainers.multimodal import VqaRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
 
     adapter64 = copy.deepcopy(adapter)
     adapter64.model.double()
@@ -416,7 +416,7 @@ def test_vqa_relevance_of_a_chosen_answer(tokenizer, family):
 def test_vqa_explainer_maps_equal_reference(tokenizer, family):
     """float32 explainer: region map = bilinear grid relevance at image size, min-max; token relevance =
     min-max of the answer row over the question, words only."""
-    from xattn_cli.explainers.multimodal import VqaRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
 
     adapter = _adapter(family, tokenizer)
     images = _images()
@@ -462,7 +462,7 @@ def test_vqa_baselines_equal_literal_reference(tokenizer, family, method):
     for a chosen one (the tiny LXMERT's predicted answers pull every head's mean gradient below zero, which
     attn-gradcam clamps to an all-zero map). attn-gradcam's head weights must ignore padded keys: their
     probability is zero, their gradient is not."""
-    from xattn_cli.explainers.multimodal import VqaRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
 
     adapter64 = copy.deepcopy(_adapter(family, tokenizer))
     adapter64.model.double()
@@ -518,7 +518,7 @@ def test_lxmert_records_both_cross_directions(tokenizer):
 @pytest.mark.parametrize("count", [1, 3])
 def test_detr_relevance_equals_literal_reference(count, residual):
     from xattn_cli.capture import AttentionRecorder
-    from xattn_cli.explainers.relevancy import input_gradients_only
+    from xattn_cli.capture.gradients import input_gradients_only
     from xattn_cli.methods.coattention import encoder_decoder_relevance
     from xattn_cli.models.detr import DetrAdapter
 
@@ -547,7 +547,7 @@ def test_detr_relevance_equals_literal_reference(count, residual):
 
 def test_detr_explainer_one_target_per_detection():
     """A float64 model (the backbone makes float32 gradients too coarse for 1e-5 on the maps)."""
-    from xattn_cli.explainers.multimodal import DetectionRelevancy
+    from xattn_cli.explainers.detection import DetectionRelevancy
     from xattn_cli.models.detr import DetrAdapter, feature_grid
 
     model = _detr_model()
@@ -580,7 +580,7 @@ def test_detr_explainer_one_target_per_detection():
 
 @pytest.mark.parametrize("method", ["raw", "attn-gradcam"])
 def test_detr_baselines_equal_literal_reference(method):
-    from xattn_cli.explainers.multimodal import DetectionRelevancy
+    from xattn_cli.explainers.detection import DetectionRelevancy
     from xattn_cli.models.detr import DetrAdapter
 
     model = _detr_model()
@@ -604,7 +604,8 @@ def test_detr_baselines_equal_literal_reference(method):
 
 @pytest.mark.parametrize("family", ["lxmert", "visualbert", "detr"])
 def test_batch_of_three_equals_three_single_runs(tokenizer, family):
-    from xattn_cli.explainers.multimodal import DetectionRelevancy, VqaRelevancy
+    from xattn_cli.explainers.detection import DetectionRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
 
     adapter = _adapter(family, tokenizer)
     explainer = (DetectionRelevancy(adapter, threshold=0.25) if family == "detr"

@@ -53,7 +53,8 @@ def _run(family, adapter, tokenizer, images, grad: bool = False):
 
 
 def _explain(family, adapter, images):
-    from xattn_cli.explainers.multimodal import DetectionRelevancy, VqaRelevancy
+    from xattn_cli.explainers.detection import DetectionRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
 
     if family == "detr":
         return DetectionRelevancy(adapter, threshold=0.25).explain(images)
@@ -213,7 +214,7 @@ def test_hf_folder_round_trip(tokenizer, tmp_path, family):
 
 def test_hf_region_model_without_regions_asks_for_features(tokenizer, tmp_path):
     from xattn_cli.errors import UsageError
-    from xattn_cli.explainers.multimodal import VqaRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
     from xattn_cli.models.registry import load_model
 
     original = _make("lxmert", None, tokenizer)
@@ -221,7 +222,7 @@ def test_hf_region_model_without_regions_asks_for_features(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "lx")
     loaded = load_model(f"hf:{tmp_path / 'lx'}")
     assert loaded.regions is None
-    with pytest.raises(UsageError, match="--features"):
+    with pytest.raises(UsageError, match="needs region features"):
         VqaRelevancy(loaded, ["what colour ?"])
 
 

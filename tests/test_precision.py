@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xattn_cli.errors import UsageError
-from xattn_cli.explainers.relevancy import build_relevancy
+from xattn_cli.explainers import build_relevancy
 from xattn_cli.explainers.surgery import SurgeryExplainer
 from xattn_cli.models.registry import load_model
 from xattn_cli.world.shapes import scene_at

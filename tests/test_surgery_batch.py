@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from xattn_cli.errors import UsageError
-from xattn_cli.explainers.surgery import SurgeryExplainer, parse_size
+from xattn_cli.cli.surgery import parse_size
+from xattn_cli.explainers.surgery import SurgeryExplainer
 
 TEXTS = ["red circle", "blue star", "green ring"]
 

@@ -82,7 +82,8 @@ def test_fits_a_fixed_batch(tmp_path, family):
 def test_killed_run_resumes_to_the_same_weights_and_loads_as_hf_folder(tmp_path, monkeypatch, family):
     from safetensors.torch import load_file
 
-    from xattn_cli.explainers.multimodal import DetectionRelevancy, VqaRelevancy
+    from xattn_cli.explainers.detection import DetectionRelevancy
+    from xattn_cli.explainers.vqa import VqaRelevancy
     from xattn_cli.models.registry import load_model
     from xattn_cli.world.shapes import scene_at
 

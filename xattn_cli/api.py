@@ -1,4 +1,8 @@
-"""The public Python API: what the CLI calls, usable from notebooks and other tools."""
+"""The public Python API: what the CLI calls, usable from notebooks and other tools.
+
+Both entry points run the CLI's batch loop (`runner.explained`) and return `Explanation`s in memory
+instead of writing files.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +10,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from xattn_cli.explainers.base import resolve_device
+from xattn_cli.device import resolve_device
 from xattn_cli.io.images import load_image
 from xattn_cli.models.registry import load_model as _load_model
 from xattn_cli.results import Explanation
@@ -17,9 +21,17 @@ def load_model(name: str, pretrained: str | None = None, device: str = "auto"):
     return _load_model(name, pretrained, resolve_device(device))
 
 
-def _as_images(images: Sequence[str | Path | Image.Image]) -> list[tuple[str, Image.Image]]:
-    return [(f"<image {i}>", image) if isinstance(image, Image.Image) else (str(image), load_image(image))
-            for i, image in enumerate(images)]
+def _explain(explainer, images: Sequence[str | Path | Image.Image], batch_size: int) -> list[Explanation]:
+    from xattn_cli.runner import explained
+
+    items = [(f"<image {i}>", image, None) if isinstance(image, Image.Image) else (str(image), load_image(image), None)
+             for i, image in enumerate(images)]
+    results = []
+    for name, image, outcome, _ in explained(explainer, items, batch_size):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(Explanation(name, image.size, outcome))
+    return results
 
 
 def surgery(images: Sequence[str | Path | Image.Image], texts: Sequence[str], *, model: str = "shapes-clip",
@@ -42,11 +54,24 @@ def surgery(images: Sequence[str | Path | Image.Image], texts: Sequence[str], *,
 
     adapter = load_model(model, pretrained, device)
     explainer = SurgeryExplainer(adapter, texts, ensemble=ensemble, size=size, blocks=blocks, points=points,
-                                  text_cache=text_cache)
-    loaded = _as_images(images)
-    results = []
-    for start in range(0, len(loaded), batch_size):
-        chunk = loaded[start : start + batch_size]
-        for (name, image), targets in zip(chunk, explainer.explain([image for _, image in chunk])):
-            results.append(Explanation(name, image.size, targets))
-    return results
+                                 text_cache=text_cache)
+    return _explain(explainer, images, batch_size)
+
+
+def relevancy(images: Sequence[str | Path | Image.Image], *, model: str = "shapes-vit", method: str = "chefer",
+              pretrained: str | None = None, device: str = "auto", batch_size: int = 8,
+              **targets) -> list[Explanation]:
+    """Relevancy maps (Chefer et al., or a baseline `method`) of each image.
+
+    Args:
+        images: paths or PIL images.
+        targets: what to explain, as the model's task takes it — `texts=[...]` (CLIP), `targets=[...]`
+            (classifiers; default the predicted classes), `questions=[...]` and `answer=` (VQA),
+            `threshold=` (DETR); also `start_layer=`, `precision=`, `features=` (see `xattn relevancy`).
+    Returns:
+        One `Explanation` per image, with `.maps` (K, H, W) in [0, 1] and `.scores`.
+    """
+    from xattn_cli.explainers import build_relevancy
+
+    adapter = load_model(model, pretrained, device)
+    return _explain(build_relevancy(adapter, method=method, **targets), images, batch_size)

@@ -9,12 +9,13 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
 from xattn_cli.explainers.base import Explainer
-from xattn_cli.io.images import DEFAULT_MAX_PIXELS, ItemError
+from xattn_cli.errors import ItemError
+from xattn_cli.io.images import DEFAULT_MAX_PIXELS
 from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_png
 from xattn_cli.io.stream import decoded_images, default_workers
 from xattn_cli.render.overlay import Box, overlay_heatmap
@@ -45,11 +46,39 @@ def error_record(image: str, explainer: Explainer, error: BaseException) -> dict
             "error": detail}
 
 
-def explain_batch(explainer: Explainer, images: list[Image.Image], names: list[str]) -> list[list[TargetMap]]:
-    """`explainer.explain(images)`; explainers that set `takes_names` also get the images' paths."""
-    if getattr(explainer, "takes_names", False):
-        return explainer.explain(images, names=names)  # type: ignore[call-arg]
-    return explainer.explain(images)
+Outcome = tuple[str, "Image.Image | None", "list[TargetMap] | BaseException", float]
+"""(path, image, its targets or the error that stopped it, when its decoding finished)."""
+
+
+def explained(explainer: Explainer, items: Iterable[tuple[str, Image.Image | None, BaseException | None]],
+              batch_size: int) -> Iterator[Outcome]:
+    """The batch loop: decoded items in, one outcome per item out, in order. Items that failed to decode
+    pass through; a batch that raises is retried item by item, so one bad item never costs the others."""
+    batch: list[tuple[str, Image.Image, float]] = []
+    for path, image, error in items:
+        if error is not None:
+            yield path, None, error, time.perf_counter()
+            continue
+        batch.append((path, image, time.perf_counter()))
+        if len(batch) == batch_size:
+            yield from _explain_batch(explainer, batch)
+            batch = []
+    if batch:
+        yield from _explain_batch(explainer, batch)
+
+
+def _explain_batch(explainer: Explainer, batch: list[tuple[str, Image.Image, float]]) -> Iterator[Outcome]:
+    try:
+        targets = explainer.explain([image for _, image, _ in batch], [path for path, _, _ in batch])
+    except Exception as error:
+        if len(batch) > 1:  # find the item that fails; the others still get their results
+            for item in batch:
+                yield from _explain_batch(explainer, [item])
+        else:
+            yield batch[0][0], batch[0][1], error, batch[0][2]
+        return
+    for (path, image, started), image_targets in zip(batch, targets):
+        yield path, image, image_targets, started
 
 
 def detection_boxes(target: TargetMap) -> list[Box]:
@@ -89,31 +118,13 @@ class BatchRunner:
 
     def _records(self, paths: Sequence[str], namer: OutputNamer) -> Iterator[dict[str, Any]]:
         workers = default_workers(len(paths), self.batch_size) if self.workers is None else self.workers
-        batch: list[tuple[str, Image.Image, float]] = []
-        for path, image, error in decoded_images(paths, self.max_pixels, workers, lookahead=2 * self.batch_size):
-            if error is not None:
-                yield error_record(path, self.explainer, error)
+        decoded = decoded_images(paths, self.max_pixels, workers, lookahead=2 * self.batch_size)
+        for path, image, outcome, started in explained(self.explainer, decoded, self.batch_size):
+            if isinstance(outcome, BaseException):
+                yield error_record(path, self.explainer, outcome)
                 continue
-            batch.append((path, image, time.perf_counter()))
-            if len(batch) == self.batch_size:
-                yield from self._explain(batch, namer)
-                batch = []
-        if batch:
-            yield from self._explain(batch, namer)
-
-    def _explain(self, batch: list[tuple[str, Image.Image, float]], namer: OutputNamer) -> Iterator[dict[str, Any]]:
-        try:
-            explained = explain_batch(self.explainer, [image for _, image, _ in batch], [path for path, _, _ in batch])
-        except Exception as error:
-            if len(batch) > 1:  # find the item that fails; the others still get their results
-                for item in batch:
-                    yield from self._explain([item], namer)
-            else:
-                yield error_record(batch[0][0], self.explainer, error)
-            return
-        for (path, image, started), targets in zip(batch, explained):
             try:
-                record = self._write(path, image, targets, namer)
+                record = self._write(path, image, outcome, namer)
             except OSError as error:
                 yield error_record(path, self.explainer, error)
                 continue

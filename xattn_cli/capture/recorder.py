@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from xattn_cli.methods.surgery import merge_heads, split_heads
+from xattn_cli.tensors import merge_heads, split_heads
 
 
 @dataclass

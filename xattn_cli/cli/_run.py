@@ -43,7 +43,7 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         typer.echo(f"xattn: skipped {len(paths)} finished image(s) (--resume)", err=True)
         return
     try:
-        from xattn_cli.explainers.base import resolve_device
+        from xattn_cli.device import resolve_device
         from xattn_cli.runner import BatchRunner
 
         device = resolve_device(device)

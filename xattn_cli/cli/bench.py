@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.eval import DEFAULT_SANITY_SCENES, DEFAULT_SCENES, HELD_OUT_SEED
+from xattn_cli.eval import BASELINES, DEFAULT_SANITY_SCENES, DEFAULT_SCENES, HELD_OUT_SEED
+from xattn_cli.methods import method_names
 
 app = typer.Typer(help="Measure explanations: faithfulness against ground truth, and speed.",
                   no_args_is_help=True)
@@ -23,7 +24,7 @@ def _names(values: list[str] | None) -> list[str]:
 def quality(
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (images/, masks/, annotations.jsonl) [default: a generated held-out set].", show_default=False)] = None,
     models: Annotated[Optional[list[str]], typer.Option("--models", help="Models to measure; repeat or comma-separate [default: every bundled model].", show_default=False)] = None,
-    methods: Annotated[Optional[list[str]], typer.Option("--methods", help="surgery, chefer, rollout, raw, attn-gradcam, and the baselines random, centre; repeat or comma-separate [default: all].", show_default=False)] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", help=f"{', '.join(method_names())}, and the baselines {', '.join(BASELINES)}; repeat or comma-separate [default: all].", show_default=False)] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON (`xattn report` renders its folder).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the results here as a PNG.")] = None,
     scenes: Annotated[int, typer.Option("--scenes", min=1, help="Held-out scenes to generate (without --data).")] = DEFAULT_SCENES,
@@ -42,7 +43,7 @@ def quality(
     from xattn_cli.cli._run import EXIT_ITEMS_FAILED, fail
     from xattn_cli.errors import UsageError
     from xattn_cli.eval.quality import METHODS, default_models, format_tables, run_quality
-    from xattn_cli.explainers.base import resolve_device
+    from xattn_cli.device import resolve_device
     from xattn_cli.io.outputs import atomic_write_bytes
 
     def log(line: str) -> None:
@@ -73,7 +74,7 @@ def quality(
 @app.command("perf")
 def perf(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`), e.g. openclip:ViT-B-16.")] = "shapes-clip",
-    method: Annotated[str, typer.Option("--method", help="surgery, chefer, rollout, raw or attn-gradcam [default: surgery for CLIP models, else chefer].", show_default=False)] = "",
+    method: Annotated[str, typer.Option("--method", help=f"{', '.join(method_names())} [default: surgery for CLIP models, else chefer].", show_default=False)] = "",
     pretrained: opt.PretrainedOpt = None,
     batch_size: opt.BatchSizeOpt = 16,
     texts: Annotated[int, typer.Option("--texts", min=1, help="CLIP models: number of texts explained per image.")] = 20,
@@ -88,7 +89,7 @@ def perf(
     from xattn_cli.cli._run import EXIT_ITEMS_FAILED, fail
     from xattn_cli.errors import UsageError
     from xattn_cli.eval.perf import format_perf, perf_texts, run_perf
-    from xattn_cli.explainers.base import autocast, resolve_device
+    from xattn_cli.device import autocast, resolve_device
     from xattn_cli.io.outputs import atomic_write_bytes
     from xattn_cli.models.registry import load_model
 
@@ -96,7 +97,7 @@ def perf(
         device_name = resolve_device(device)
         adapter = load_model(model, pretrained, device_name)
         autocast(device_name, precision.value)
-        chosen = method or ("surgery" if getattr(adapter, "family", "") == "clip" else "chefer")
+        chosen = method or ("surgery" if "surgery" in adapter.layout.explainers else "chefer")
         result = run_perf(adapter, method=chosen, batch_size=batch_size, texts=perf_texts(texts),
                           precision=precision.value, loop_items=min(loop_items, batch_size), repeats=repeats,
                           progress=lambda line: None if quiet else typer.echo(f"xattn: {line}", err=True))

@@ -17,13 +17,15 @@ import typer
 
 from xattn_cli.cli import _options as opt
 from xattn_cli.cli._run import run_map_command
+from xattn_cli.methods import METHODS, RESIDUAL_RULES, method_names
 
 
-class Method(str, Enum):
-    chefer = "chefer"
-    rollout = "rollout"
-    raw = "raw"
-    attn_gradcam = "attn-gradcam"
+Method = Enum("Method", {name: name for name in method_names("relevancy")}, type=str)  # the registry's names
+Residual = Enum("Residual", {name: name for name in RESIDUAL_RULES}, type=str)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def relevancy(
@@ -36,7 +38,8 @@ def relevancy(
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Classifiers and VQA models: names of the classes or answers, a JSON list, a JSON map (index → name or name → index) or one name a line.", show_default=False)] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="VQA models: region boxes + features per image, .npz (names, features, boxes[, counts]) [default: the model's grid regions].", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="DETR: explain each detection whose class probability exceeds this [default: 0.5].", show_default=False)] = None,
-    method: Annotated[Method, typer.Option("--method", help="chefer (gradient-weighted rollout of relevancy), rollout, raw or attn-gradcam (LXMERT, VisualBERT, DETR: no rollout).")] = Method.chefer,
+    method: Annotated[Method, typer.Option("--method", help="; ".join(f"{name}: {METHODS[name].summary}" for name in method_names("relevancy")) + ".")] = "chefer",
+    residual: Annotated[Optional[Residual], typer.Option("--residual", help="DETR: rows the residual normalisation divides 0/0 — guarded (left as identity) or official (NaN, then 0, as the official code) [default: guarded].", show_default=False)] = None,
     start_layer: Annotated[Optional[int], typer.Option("--start-layer", min=0, help="First layer accumulated [default: 0 for ViT, the last layer for CLIP].")] = None,
     pretrained: opt.PretrainedOpt = None,
     trust_checkpoint: opt.TrustCheckpointOpt = False,
@@ -54,7 +57,7 @@ def relevancy(
     """Relevancy maps: which image regions (and text tokens) drive the model's output."""
 
     def build(device_name: str):
-        from xattn_cli.explainers.relevancy import build_relevancy
+        from xattn_cli.explainers import build_relevancy, check_options
         from xattn_cli.models.registry import load_model
 
         adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
@@ -62,9 +65,14 @@ def relevancy(
             from xattn_cli.models.labels import apply_labels
 
             apply_labels(adapter, labels)
-        return build_relevancy(adapter, method=method.value, texts=text or [], targets=target or [],
+        given = {"text": bool(text), "target": bool(target), "start_layer": start_layer is not None,
+                 "precision": precision.value != "fp32", "question": bool(question), "answer": answer is not None,
+                 "features": features is not None, "threshold": threshold is not None, "residual": residual is not None}
+        check_options(adapter, Method(method).value, given, spell=_flag)
+        return build_relevancy(adapter, method=Method(method).value, texts=text or [], targets=target or [],
                                start_layer=start_layer, precision=precision.value, questions=question or [],
-                               answer=answer, features=features, threshold=threshold)
+                               answer=answer, features=features, threshold=threshold,
+                               residual=None if residual is None else residual.value)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,

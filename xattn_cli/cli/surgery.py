@@ -13,6 +13,22 @@ import typer
 
 from xattn_cli.cli import _options as opt
 from xattn_cli.cli._run import run_map_command
+from xattn_cli.errors import UsageError
+
+
+def parse_size(size: str | int | None) -> tuple[int, int] | None:
+    """'224' → (224, 224); '320x240' (W×H) → (240, 320) as (H, W); None stays None."""
+    if size is None:
+        return None
+    text = str(size).lower()
+    width, separator, height = text.partition("x")
+    try:
+        width_px, height_px = int(width), int(height if separator else width)
+    except ValueError:
+        raise UsageError(f"bad --size {size!r}: use N or WxH, e.g. 224 or 320x240") from None
+    if not (8 <= width_px <= 4096 and 8 <= height_px <= 4096):
+        raise UsageError(f"bad --size {size!r}: each side must be in 8..4096 pixels")
+    return height_px, width_px
 
 
 def surgery(
@@ -40,7 +56,7 @@ def surgery(
     """CLIP Surgery: where in each image is each text? Writes overlays and prints scores."""
 
     def build(device_name: str):
-        from xattn_cli.explainers.surgery import SurgeryExplainer, parse_size
+        from xattn_cli.explainers.surgery import SurgeryExplainer
         from xattn_cli.models.registry import load_model
 
         adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)

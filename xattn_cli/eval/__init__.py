@@ -5,6 +5,4 @@ The names here import nothing heavy, so the CLI can show them in its help withou
 HELD_OUT_SEED = 40_000  # the held-out shapes stream: no training run or benchmark script draws from it
 DEFAULT_SCENES = 100  # all bundled models × methods + baselines in about 4 minutes on 2 CPU cores
 DEFAULT_SANITY_SCENES = 12
-METRIC_LABELS = {"pointing": "pointing ↑", "miou": "mIoU ↑", "energy": "energy ↑", "auc_positive": "AUC+ ↓",
-                 "auc_negative": "AUC− ↑"}
 BASELINES = ("random", "centre")

@@ -31,10 +31,12 @@ from PIL import Image
 from xattn_cli.capture import AttentionRecorder
 
 from xattn_cli.errors import UsageError
-from xattn_cli.explainers.base import autocast
-from xattn_cli.explainers.relevancy import ClassifierRelevancy, ClipRelevancy, input_gradients_only, method_gradients
+from xattn_cli.device import autocast
+from xattn_cli.capture.gradients import first_gradient_sites, gradients_from, input_gradients_only
+from xattn_cli.explainers import build_relevancy
 from xattn_cli.explainers.surgery import SurgeryExplainer
-from xattn_cli.methods.relevancy import METHODS, NEEDS_GRADIENTS, token_relevance
+from xattn_cli.methods import method_spec
+from xattn_cli.methods.relevancy import token_relevance
 from xattn_cli.methods.surgery import text_ensemble
 from xattn_cli.text import ensemble_templates
 from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
@@ -151,9 +153,9 @@ def bare_backward(adapter, images: Sequence[Image.Image], texts: Sequence[str], 
     if explainer is None:
         gradients, text_copies = (lambda: input_gradients_only(adapter.model)), len(images)
     else:
-        sites = adapter.attention_sites()
         start_layers = explainer.start_layers if texts else {"vision": explainer.start_layer}
-        gradients = lambda: method_gradients(explainer.method, adapter.model, sites, start_layers, len(images))  # noqa: E731
+        starts = first_gradient_sites(adapter.attention_sites(), start_layers, explainer.spec.last_layer_only)
+        gradients = lambda: gradients_from(adapter.model, starts, len(images))  # noqa: E731
         text_copies = 1  # widened to the batch at the start block
 
     def run() -> None:
@@ -205,7 +207,7 @@ def relevancy_loop(adapter, images: Sequence[Image.Image], texts: Sequence[str],
                     score = (image_embedding * text_embedding).sum()  # the one-hot diagonal of logits_per_image
                 else:
                     score = adapter.classify(pixels)[:, 0].sum()
-                if NEEDS_GRADIENTS[method]:
+                if method_spec(method).needs_gradients:
                     score.backward(retain_graph=True)
                 token_relevance(method, recording.select(stream="vision"), start_layer)
         adapter.model.zero_grad(set_to_none=True)
@@ -228,7 +230,13 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
              progress: Callable[[str], None] = lambda line: None) -> dict:
     """Every row for one model and method, with ratios to the bare model and to the batch-1 loop."""
     device = str(adapter.device)
-    clip = getattr(adapter, "family", "") == "clip"
+    task = adapter.layout.task
+    if task not in ("image-text", "classify"):
+        raise UsageError(f"bench perf measures CLIP models and classifiers; {adapter.name} is neither")
+    spec = method_spec(method, None if method == "surgery" else adapter.layout.rule, adapter.name)
+    if method == "surgery" and "surgery" not in adapter.layout.explainers:
+        raise UsageError(f"{adapter.name} has no surgery; use xattn relevancy")
+    clip = task == "image-text"
     texts = list(texts) if clip else []
     images = perf_images(batch_size)
     loop_images = images[:loop_items]
@@ -241,8 +249,6 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
         return rows[-1]
 
     if method == "surgery":
-        if not clip:
-            raise UsageError(f"{adapter.name} is not a CLIP model: surgery needs one")
         bare = add("bare image encoder", bare_clip_forward(adapter, images, precision), batch_size)
         explainer = SurgeryExplainer(adapter, texts, precision=precision)
         explained = add("surgery", lambda: explainer.explain(images), batch_size)
@@ -250,20 +256,18 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
             loop=True)
         add("batch-1 fp32 loop, text re-encoded", surgery_loop(adapter, loop_images[:1], texts, reencode=True), 1,
             loop=True)
-    elif method in METHODS:
-        if not NEEDS_GRADIENTS[method]:
+    else:
+        if not spec.needs_gradients:
             bare = add("bare forward", _bare_forward(adapter, images, texts, precision), batch_size)
         else:
             bare = add("bare forward+backward", bare_backward(adapter, images, texts, precision), batch_size)
-        explainer = (ClipRelevancy(adapter, texts, method=method, precision=precision) if clip
-                     else ClassifierRelevancy(adapter, method=method, precision=precision, targets=[adapter.labels[0]]))
+        explainer = build_relevancy(adapter, method=method, precision=precision, texts=texts,
+                                    targets=[] if clip else [adapter.labels[0]])
         explained = add(method, lambda: explainer.explain(images), batch_size)
         add("batch-1 fp32 loop", relevancy_loop(adapter, loop_images, texts, method), loop_items, loop=True)
-        if NEEDS_GRADIENTS[method]:
+        if spec.needs_gradients:
             same_graph = add("bare, the method's own backward",
                              bare_backward(adapter, images, texts, precision, explainer), batch_size)
-    else:
-        raise UsageError(f"unknown method {method!r} (surgery, {', '.join(METHODS)})")
     loop = rows[2]
     result = {
         "model": adapter.name, "method": method, "device": device_name(device), "precision": precision,
@@ -275,7 +279,7 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
     }
     if method == "surgery":
         result["method_vs_loop_reencoded"] = explained.items_per_s / rows[3].items_per_s
-    elif NEEDS_GRADIENTS[method]:
+    elif spec.needs_gradients:
         result["method_vs_own_backward"] = explained.items_per_s / same_graph.items_per_s
     if startup:
         progress("measuring start-up")

@@ -31,16 +31,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xattn_cli.errors import UsageError
-from xattn_cli.eval import BASELINES, DEFAULT_SCENES, HELD_OUT_SEED, METRIC_LABELS
+from xattn_cli.errors import ItemError, UsageError
+from xattn_cli.eval import BASELINES, DEFAULT_SCENES, HELD_OUT_SEED
 from xattn_cli.eval.metrics import (PERTURBATION_STEPS, bootstrap_ci, energy_in_mask, mean_threshold_miou,
                                     perturbation_auc, pointing, pool_to_tokens, remove_tokens, spearman)
-from xattn_cli.io.images import ItemError, load_image
-from xattn_cli.methods.relevancy import METHODS as RELEVANCY_METHODS
+from xattn_cli.io.images import load_image
+from xattn_cli.methods import method_names
+from xattn_cli.render import METRIC_LABELS
 from xattn_cli.world.shapes import Scene, SceneObject, scene_at
 
 SCENE_SIZE = 64  # the bundled models' input size
-METHODS = ("surgery", *RELEVANCY_METHODS, *BASELINES)
+METHODS = (*method_names(), *BASELINES)
 METRICS = tuple(METRIC_LABELS)
 CONFIDENCE = 0.95
 SANITY_FLAG = 0.5  # mean Spearman with every block random at or above this: the maps ignore the model
@@ -103,7 +104,7 @@ def scene_targets(scene: Scene, target_of: Callable[[SceneObject], str]) -> list
     return list(masks.items())
 
 
-# --- what each model family contributes -------------------------------------------------------------
+# --- what each model task contributes ---------------------------------------------------------------
 class Task:
     """One model as the benchmark sees it: its methods, its targets, their maps and a target score."""
 
@@ -161,7 +162,7 @@ def memoised(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.T
 
 
 class ClipTask(Task):
-    methods = ("surgery", *RELEVANCY_METHODS)
+    methods = tuple(method_names(rule="self"))
 
     def __init__(self, adapter, targets: Iterable[str]):
         super().__init__(adapter, targets)
@@ -189,7 +190,7 @@ class ClipTask(Task):
 
 
 class ClassifierTask(Task):
-    methods = tuple(RELEVANCY_METHODS)
+    methods = tuple(method_names("relevancy", "self"))
 
     def __init__(self, adapter, targets: Iterable[str]):
         super().__init__(adapter, targets)
@@ -214,18 +215,18 @@ class ClassifierTask(Task):
         return self.adapter.target_index(target)
 
 
-TASKS: dict[str, type[Task]] = {"clip": ClipTask, "vit": ClassifierTask}
+TASKS: dict[str, type[Task]] = {"image-text": ClipTask, "classify": ClassifierTask}  # by `Layout.task`
 
 
 def task_for(adapter, scenes: Scenes) -> Task:
-    kind = TASKS.get(getattr(adapter, "family", ""))
+    kind = TASKS.get(adapter.layout.task)
     if kind is None:
-        raise _unsupported(adapter.name, adapter.family)
+        raise _unsupported(adapter.name, adapter.layout.task)
     return kind(adapter, {kind.target_of(obj) for _, scene in scenes for obj in scene.objects})
 
 
-def _unsupported(model: str, family: str) -> UsageError:
-    return UsageError(f"{model} ({family}) has no quality benchmark yet (families: {', '.join(TASKS)})")
+def _unsupported(model: str, task: str) -> UsageError:
+    return UsageError(f"{model} ({task}) has no quality benchmark yet (tasks: {', '.join(TASKS)})")
 
 
 # --- maps ----------------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def sanity_cascade(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[s
 
 
 def check_names(models: Sequence[str], methods: Sequence[str]) -> None:
-    """Unknown models or methods, and model families without a task, are usage errors before any work."""
+    """Unknown models or methods, and models whose task the benchmark lacks, are usage errors before any work."""
     from xattn_cli.models.registry import resolve
 
     if not models:
@@ -345,16 +346,16 @@ def check_names(models: Sequence[str], methods: Sequence[str]) -> None:
         raise UsageError(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")
     for name in models:
         spec, _ = resolve(name)
-        if spec.family not in TASKS and spec.family != "auto":  # "auto": known once loaded
-            raise _unsupported(name, spec.family)
+        if spec.layout is not None and spec.layout.task not in TASKS:  # no layout ("auto"): known once loaded
+            raise _unsupported(name, spec.layout.task)
 
 
 def default_models() -> list[str]:
-    """Every bundled model with weights present whose family the benchmark knows."""
+    """Every bundled model with weights present whose task the benchmark knows."""
     from xattn_cli.models.registry import list_models
 
     return [spec.name for spec in list_models()
-            if spec.bundled and spec.family in TASKS and spec.weights_available()]
+            if spec.bundled and spec.layout.task in TASKS and spec.weights_available()]
 
 
 def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Path | None = None,

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from xattn_cli.errors import ItemError
+
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest pixel count (width × height) decoded by default: 64 MP is above any camera photo a user is
 likely to explain, and far below what exhausts memory once an RGB copy and float maps exist. It is checked
@@ -25,22 +27,6 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-
-
-class ItemError(Exception):
-    """A per-item failure (bad, missing or oversized input) that the batch records and moves past."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(error_type, message)  # both in args, so the error pickles across processes
-        self.type = error_type
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_record(self) -> dict[str, str]:
-        """The `error` object of an error record in results.jsonl."""
-        return {"type": self.type, "message": self.message}
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

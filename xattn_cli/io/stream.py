@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from xattn_cli.io.images import ItemError, load_image
+from xattn_cli.errors import ItemError
+from xattn_cli.io.images import load_image
 
 Decoded = tuple[str, "Image.Image | None", "ItemError | None"]
 

@@ -141,16 +141,11 @@ def encoder_decoder_relevance(encoder_self: Sequence[AttentionEvent], decoder_se
     return r_qi
 
 
-LAST_LAYER_BASELINES = ("raw", "attn-gradcam")
-"""Baselines read off one attention per stream, its last layer (reference §3): LXMERT's last text→vision
-cross attention and last language self-attention, VisualBERT's last layer, DETR's last decoder cross
-attention. Rollout is not offered for these families: the reference's LXMERT and VisualBERT rollouts
-disagree on the row normalisation."""
-
-
 def last_layer_baseline(method: str, events: Sequence[AttentionEvent], query_mask: Tensor | None = None,
                         key_mask: Tensor | None = None) -> Tensor:
-    """`raw` or `attn-gradcam` on the last layer of `events`. (B, Nq, Nk).
+    """`raw` or `attn-gradcam` on the last layer of `events` (reference §3): LXMERT's last text→vision cross
+    attention and last language self-attention, VisualBERT's last layer, DETR's last decoder cross
+    attention. (B, Nq, Nk).
 
     `query_mask` (B, Nq) and `key_mask` (B, Nk), 1 for real tokens, keep attn-gradcam's head weights to the
     real query-key pairs of a padded batch.
@@ -158,6 +153,6 @@ def last_layer_baseline(method: str, events: Sequence[AttentionEvent], query_mas
     if method == "raw":
         return raw_attention(events)
     if method != "attn-gradcam":
-        raise ValueError(f"unknown last-layer baseline {method!r} (one of {', '.join(LAST_LAYER_BASELINES)})")
+        raise ValueError(f"{method!r} is not a last-layer baseline (raw or attn-gradcam)")
     valid = None if query_mask is None else query_mask[:, :, None] * key_mask[:, None, :]  # (B, Nq, Nk)
     return attention_gradcam(events, valid)

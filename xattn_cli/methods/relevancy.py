@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from xattn_cli.capture.recorder import AttentionEvent, events_by_layer
+from xattn_cli.methods import RESIDUAL_RULES
 
 Tensor = torch.Tensor
 
@@ -70,11 +71,6 @@ def attention_gradcam(events: Sequence[AttentionEvent], valid: Tensor | None = N
     return (last.probs * weights).mean(dim=1).clamp(min=0)
 
 
-RESIDUAL_RULES = ("guarded", "official")
-"""Eqs. 8+9 on a row of R − I that sums to zero: `guarded` leaves it at zero (R̄ row = identity row);
-`official` divides 0 by 0 as the official code does (NaN)."""
-
-
 def handle_residual(relevance: Tensor, eps: float = 1e-12, residual: str = "guarded") -> Tensor:
     """Eqs. 8+9: R̄ = rownorm(R − I) + I, zero-sum rows of R − I as `residual` says. (B, N, N)."""
     if residual not in RESIDUAL_RULES:
@@ -87,10 +83,6 @@ def handle_residual(relevance: Tensor, eps: float = 1e-12, residual: str = "guar
     return torch.where(sums.abs() > eps, hat / torch.where(sums.abs() > eps, sums, 1), 0) + eye
 
 
-METHODS = ("chefer", "rollout", "raw", "attn-gradcam")
-NEEDS_GRADIENTS = {"chefer": True, "rollout": False, "raw": False, "attn-gradcam": True}
-
-
 def token_relevance(method: str, events: Sequence[AttentionEvent], start_layer: int = 0) -> Tensor:
     """The (B, N, N) token-to-token relevance of one self-attention stream under `method`."""
     if method == "chefer":
@@ -101,4 +93,4 @@ def token_relevance(method: str, events: Sequence[AttentionEvent], start_layer: 
         return raw_attention(events)
     if method == "attn-gradcam":
         return attention_gradcam(events)
-    raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    raise ValueError(f"{method!r} is not a self-attention relevancy method")

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from xattn_cli.tensors import merge_heads, min_max, to_image
+
 Tensor = torch.Tensor
 
 
@@ -33,16 +35,6 @@ class BlockView:
     qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
     attention_out: Callable[[Tensor], Tensor]
     ffn_residual: Callable[[Tensor], Tensor]
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    batch, heads, tokens, d_head = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * d_head)  # (B, n, D)
-
-
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    batch, tokens, width = x.shape
-    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, H, n, d_head)
 
 
 def vv_attention(v: Tensor) -> Tensor:
@@ -120,17 +112,9 @@ def feature_surgery(image_features: Tensor, text_features: Tensor, redundant: Te
     return weighted - weighted.mean(dim=-1, keepdim=True)
 
 
-def min_max(values: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """(values − min) / (max − min) along `dim`; constant slices become 0. Also returns the flags."""
-    low = values.amin(dim=dim, keepdim=True)
-    span = values.amax(dim=dim, keepdim=True) - low
-    degenerate = ~(span > 0) | ~torch.isfinite(span)
-    scaled = torch.where(degenerate, torch.zeros_like(values), (values - low) / torch.where(degenerate, 1, span))
-    return scaled, degenerate.squeeze(dim)
-
-
 def similarity_map(similarity: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
-    """Patch similarities → per-class maps at the original image size (reference §4).
+    """Patch similarities → per-class maps at the original image size (reference §4): min-max over the
+    patches, bilinear upsampling, clamp.
 
     Args:
         similarity: (B, n, K), token 0 = CLS (dropped).
@@ -139,11 +123,8 @@ def similarity_map(similarity: Tensor, grid: tuple[int, int], size: tuple[int, i
     Returns:
         (B, K, H, W) in [0, 1].
     """
-    scaled, _ = min_max(similarity[:, 1:], dim=1)  # (B, N, K)
-    batch, _, classes = scaled.shape
-    grids = scaled.permute(0, 2, 1).reshape(batch, classes, *grid)  # (B, K, gh, gw)
-    maps = F.interpolate(grids, size=tuple(size), mode="bilinear", align_corners=False)
-    return maps.clamp(0, 1)
+    maps, _ = to_image(similarity[:, 1:].transpose(1, 2), size, grid=grid, scale_first=True)  # (B, K, H, W)
+    return maps
 
 
 def similarity_to_points(similarity: Tensor, grid: tuple[int, int], size: tuple[int, int],

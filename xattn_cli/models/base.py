@@ -1,4 +1,4 @@
-"""What every adapter shares: the wrapped model, its device, and image preprocessing."""
+"""What every adapter shares: the wrapped model, its device, image preprocessing, and its `Layout`."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,6 +6,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from xattn_cli.models.layout import Layout
 
 
 def normalize(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -18,6 +20,7 @@ class Adapter:
     """A model in eval mode, with the preprocessing its weights expect."""
 
     family: str
+    layout: Layout
     name: str
     mean: Sequence[float]
     std: Sequence[float]

@@ -42,14 +42,13 @@ def local_or_hub(repo: str, bundled: str) -> str:
     return repo
 
 
-@register_model("shapes-clip", "clip", ("surgery", "relevancy"), "open_clip ViT CLIP trained on the shapes world",
+@register_model("shapes-clip", "clip", "open_clip ViT CLIP trained on the shapes world",
                 bundled=True, weights="assets/weights/shapes-clip.safetensors")
 def shapes_clip(pretrained: str | None = None, *, trust_checkpoint: bool = False):
     return load_bundled_clip("shapes-clip", pretrained, trust_checkpoint)
 
 
 def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool = False):
-    import torch
 
     from xattn_cli.models.checkpoints import load_into, load_state_dict
     from xattn_cli.models.openclip import OpenClipAdapter, build_clip
@@ -64,11 +63,10 @@ def load_bundled_clip(name: str, pretrained: str | None, trust_checkpoint: bool 
     adapter.default_surgery_blocks = cfg["surgery"]["blocks"]
     size = cfg["surgery"].get("size")
     adapter.default_surgery_size = (size, size) if size else None
-    torch.set_flush_denormal(True)  # tiny models hit denormals on CPU (DESIGN §7)
     return adapter
 
 
-@register_model("clip", "clip", ("surgery", "relevancy"), load_config("clip")["description"])
+@register_model("clip", "clip", load_config("clip")["description"])
 def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False):
     cfg = load_config("clip")
     arch = cfg["source"].removeprefix("openclip:")
@@ -76,7 +74,7 @@ def clip_alias(pretrained: str | None = None, *, trust_checkpoint: bool = False)
                           weights_tag=cfg["pretrained"])  # a file given here holds the alias's weights
 
 
-@register_model("openclip", "clip", ("surgery", "relevancy"), "open_clip architecture by name; --pretrained TAG|PATH "
+@register_model("openclip", "clip", "open_clip architecture by name; --pretrained TAG|PATH "
                 "(random weights without it); image towers: ViT, ModifiedResNet, timm ViT/SigLIP/EVA02",
                 prefix=True)
 def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint: bool = False,
@@ -116,10 +114,9 @@ def openclip_model(arch: str, pretrained: str | None = None, *, trust_checkpoint
     return adapter
 
 
-@register_model("shapes-vit", "vit", ("relevancy",), "Hugging Face ViT: which shapes are in the scene",
+@register_model("shapes-vit", "vit", "Hugging Face ViT: which shapes are in the scene",
                 bundled=True, weights="assets/weights/shapes-vit.safetensors")
 def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False):
-    import torch
 
     from xattn_cli.models.checkpoints import load_into, load_state_dict
     from xattn_cli.models.vit import HFViTAdapter, build_vit
@@ -130,7 +127,6 @@ def shapes_vit(pretrained: str | None = None, *, trust_checkpoint: bool = False)
     load_into(model, load_state_dict(weights, trust_checkpoint), str(weights))
     adapter = HFViTAdapter(model.float(), name="shapes-vit")
     adapter.mean, adapter.std = cfg["preprocess"]["mean"], cfg["preprocess"]["std"]
-    torch.set_flush_denormal(True)
     return adapter
 
 
@@ -139,7 +135,7 @@ def register_hf_alias(name: str) -> None:
     offline it fails fast and names the bundled model of the same family."""
     cfg = load_config(name)
 
-    @register_model(name, cfg["family"], ("relevancy",), cfg["description"])
+    @register_model(name, cfg["family"], cfg["description"])
     def load(pretrained: str | None = None, *, trust_checkpoint: bool = False):
         from xattn_cli.models.hf import load_hf
 
@@ -153,10 +149,9 @@ def register_bundled_hf(name: str) -> None:
     cfg = load_config(name)
     folder = cfg["folder"]
 
-    @register_model(name, cfg["family"], ("relevancy",), cfg["description"], bundled=True,
+    @register_model(name, cfg["family"], cfg["description"], bundled=True,
                     weights=f"{folder}/model.safetensors")
     def load(pretrained: str | None = None, *, trust_checkpoint: bool = False):
-        import torch
 
         from xattn_cli.models.hf import load_hf
 
@@ -165,7 +160,6 @@ def register_bundled_hf(name: str) -> None:
             raise UsageError(f"{name}: no model folder at {location} (config.json missing)")
         adapter = load_hf(str(location))
         adapter.name = name
-        torch.set_flush_denormal(True)
         return adapter
 
 
@@ -175,7 +169,7 @@ for _family in ("lxmert", "visualbert", "detr"):
     register_hf_alias(_family)
 
 
-@register_model("hf", "auto", ("surgery", "relevancy"), "Hugging Face model folder or repo; the family comes from "
+@register_model("hf", "auto", "Hugging Face model folder or repo; the family comes from "
                 "its config: clip, vit, lxmert, visualbert (--question), detr (detections)", prefix=True)
 def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     from xattn_cli.models.hf import load_hf
@@ -185,7 +179,7 @@ def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: 
     return load_hf(local_or_hub(location, "shapes-* model of the same family"), name=f"hf:{location}")
 
 
-@register_model("timm", "vit", ("relevancy",), "timm ViT by name; --pretrained PATH (random weights without it)",
+@register_model("timm", "vit", "timm ViT by name; --pretrained PATH (random weights without it)",
                 prefix=True)
 def timm_model(name: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     import timm

@@ -9,6 +9,7 @@ import torch
 from xattn_cli.cache import TextEmbeddingCache, cache_root, prompt_key, tensor_fingerprint
 from xattn_cli.methods.surgery import text_ensemble
 from xattn_cli.models.base import Adapter
+from xattn_cli.models.layout import LAYOUTS
 from xattn_cli.text import ensemble_templates
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,6 +24,7 @@ class ClipAdapter(Adapter):
     """
 
     family = "clip"
+    layout = LAYOUTS["clip"]
     name: str
     native_size: tuple[int, int]  # (H, W) the model was trained at
     default_surgery_blocks: int = 6

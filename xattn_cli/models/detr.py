@@ -12,10 +12,12 @@ import torch
 
 from xattn_cli.capture import AttentionSite
 from xattn_cli.models.base import Adapter
+from xattn_cli.models.layout import LAYOUTS
 
 
 class DetrAdapter(Adapter):
     family = "detr"
+    layout = LAYOUTS["detr"]
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
 

@@ -6,8 +6,9 @@ from typing import Callable
 
 import torch
 
-from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, merge_heads, split_heads
+from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding
 from xattn_cli.models.clip import ClipAdapter
+from xattn_cli.tensors import merge_heads, split_heads
 
 
 def _layer_view(layer: torch.nn.Module) -> BlockView:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from xattn_cli.capture import AttentionSite
+from xattn_cli.models.layout import LAYOUTS
 from xattn_cli.models.regions import Regions, RegionSource, RegionVqaAdapter, answer_labels
 
 
 class LxmertAdapter(RegionVqaAdapter):
     family = "lxmert"
+    layout = LAYOUTS["lxmert"]
 
     def __init__(self, model: torch.nn.Module, tokenizer, regions: RegionSource | None = None, name: str = "hf-lxmert"):
         super().__init__(model, tokenizer, regions)
@@ -25,6 +27,10 @@ class LxmertAdapter(RegionVqaAdapter):
         output = self.model(**batch, visual_feats=regions.features, visual_pos=regions.boxes,
                             visual_attention_mask=regions.mask)
         return output.question_answering_score  # (B, answers)
+
+    def question_words(self, batch: dict[str, torch.Tensor], row: int) -> slice:
+        """The question's word tokens: between [CLS] and [SEP]."""
+        return slice(1, int(batch["attention_mask"][row].sum()) - 1)
 
     def attention_sites(self) -> list[AttentionSite]:
         encoder = self.model.lxmert.encoder

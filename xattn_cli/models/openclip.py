@@ -6,9 +6,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding, merge_heads, split_heads
+from xattn_cli.methods.surgery import BlockView, dual_path, interpolate_grid_embedding
 from xattn_cli.models import openclip_timm
 from xattn_cli.models.clip import ClipAdapter
+from xattn_cli.tensors import merge_heads, split_heads
 
 
 def build_clip(arch: dict, vocab_size: int | None = None) -> torch.nn.Module:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xattn_cli.errors import UsageError
-from xattn_cli.io.images import ItemError
+from xattn_cli.errors import ItemError, UsageError
 from xattn_cli.models.base import Adapter
+from xattn_cli.tensors import paint_boxes
 
 
 @dataclass
@@ -158,22 +158,14 @@ class NpzRegions:
 
 
 def regions_to_map(relevance: torch.Tensor, regions: Regions, index: int, size: tuple[int, int]) -> torch.Tensor:
-    """(R,) region relevance of sample `index` → (H, W): each pixel takes the largest relevance of the real
-    boxes that cover it (0 where none does)."""
-    height, width = size
-    boxes = regions.boxes[index][regions.mask[index] > 0]  # (R', 4)
-    values = relevance[regions.mask[index] > 0]  # (R',)
-    ys = (torch.arange(height, dtype=boxes.dtype, device=boxes.device) + 0.5) / height  # (H,)
-    xs = (torch.arange(width, dtype=boxes.dtype, device=boxes.device) + 0.5) / width  # (W,)
-    inside_y = (ys[None, :] >= boxes[:, 1:2]) & (ys[None, :] < boxes[:, 3:4])  # (R', H)
-    inside_x = (xs[None, :] >= boxes[:, 0:1]) & (xs[None, :] < boxes[:, 2:3])  # (R', W)
-    inside = inside_y[:, :, None] & inside_x[:, None, :]  # (R', H, W)
-    painted = torch.where(inside, values.to(boxes.dtype)[:, None, None], torch.zeros((), dtype=boxes.dtype))
-    return painted.amax(dim=0) if len(values) else torch.zeros(height, width)  # (H, W)
+    """(R,) region relevance of sample `index` → (H, W), unscaled: each pixel takes the largest relevance of
+    the real boxes that cover it (0 where none does)."""
+    real = regions.mask[index] > 0  # (R,)
+    return paint_boxes(relevance[real], regions.boxes[index][real], size)  # (H, W)
 
 
 class RegionVqaAdapter(Adapter):
-    """A VQA model over a question and region features: what `explainers.multimodal.VqaRelevancy` needs."""
+    """A VQA model over a question and region features: what `explainers.vqa.VqaRelevancy` needs."""
 
     name: str
     answers: list[str]
@@ -205,6 +197,10 @@ class RegionVqaAdapter(Adapter):
         """(B, answers) logits."""
         raise NotImplementedError
 
+    def question_words(self, batch: dict[str, torch.Tensor], row: int) -> slice:
+        """Where the question's words sit among sample `row`'s tokens."""
+        raise NotImplementedError
+
     def attention_sites(self) -> list:
         raise NotImplementedError
 
@@ -214,3 +210,28 @@ def answer_labels(config) -> list[str]:
     count = getattr(config, "num_qa_labels", None) or config.num_labels
     names = {int(k): v for k, v in (config.id2label or {}).items()}
     return [names.get(k, f"answer {k}") for k in range(count)]
+
+
+def build_region_vqa(family: str, cfg: dict, tokenizer, answers: Sequence[str]) -> RegionVqaAdapter:
+    """A fresh LXMERT or VisualBERT VQA model of `cfg` (its "hf_config" and "regions": grid, cell, stem
+    widths) with `answers` as labels, as the adapter of `family`, its visual tokens from a fresh `GridStem`."""
+    import transformers
+
+    from xattn_cli.models.lxmert import LxmertAdapter
+    from xattn_cli.models.visualbert import VisualBertAdapter
+
+    spec = cfg["regions"]
+    stem = GridStem(spec["stem"]["widths"], spec["cell"])
+    labels = dict(id2label=dict(enumerate(answers)), label2id={a: i for i, a in enumerate(answers)})
+    if family == "lxmert":
+        config = transformers.LxmertConfig(**cfg["hf_config"], vocab_size=len(tokenizer),
+                                           visual_feat_dim=stem.dim, num_qa_labels=len(answers), **labels)
+        model, adapter_class = transformers.LxmertForQuestionAnswering(config), LxmertAdapter
+    elif family == "visualbert":
+        config = transformers.VisualBertConfig(**cfg["hf_config"], vocab_size=len(tokenizer),
+                                               visual_embedding_dim=stem.dim, num_labels=len(answers), **labels)
+        model, adapter_class = transformers.VisualBertForQuestionAnswering(config), VisualBertAdapter
+    else:
+        raise ValueError(f"no region VQA family {family!r} (lxmert or visualbert)")
+    return adapter_class(model, tokenizer, StemGridRegions(stem, tuple(spec["grid"]), spec["cell"]),
+                         name=f"shapes-{family}")

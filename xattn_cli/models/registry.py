@@ -10,18 +10,31 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xattn_cli.errors import UsageError
+from xattn_cli.methods import method_names
+from xattn_cli.models.layout import LAYOUTS, Layout
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # clip, vit, lxmert, visualbert, detr, catt
-    methods: tuple[str, ...]
+    family: str  # a key of `layout.LAYOUTS`, or "auto": known once the folder is read (hf:)
     description: str
     loader: Callable[..., Any]  # ([argument,] pretrained, *, trust_checkpoint) -> adapter
     bundled: bool = False
     weights: str | None = None  # bundled weights, named as configs name data ("assets/...")
     prefix: bool = False  # `name:ARGUMENT` forms, e.g. openclip:ViT-B-16
+
+    @property
+    def layout(self) -> Layout | None:
+        return LAYOUTS.get(self.family)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The registered methods that apply (for "auto" families: every method, decided once loaded)."""
+        layout = self.layout
+        if layout is None:
+            return tuple(method_names())
+        return tuple(name for explainer in layout.explainers for name in method_names(explainer, layout.rule))
 
     @property
     def display_name(self) -> str:
@@ -39,7 +52,7 @@ _MODELS: dict[str, ModelSpec] = {}
 _PREFIXES: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, family: str, methods: tuple[str, ...], description: str, *,
+def register_model(name: str, family: str, description: str, *,
                    bundled: bool = False, weights: str | None = None, prefix: bool = False):
     """Decorator: register `loader` under `name` (or under the prefix `name:` when `prefix`)."""
 
@@ -47,7 +60,7 @@ def register_model(name: str, family: str, methods: tuple[str, ...], description
         table = _PREFIXES if prefix else _MODELS
         if name in table:
             warnings.warn(f"model {name!r} registered twice; the later one wins", stacklevel=2)
-        table[name] = ModelSpec(name, family, methods, description, loader, bundled, weights, prefix)
+        table[name] = ModelSpec(name, family, description, loader, bundled, weights, prefix)
         return loader
 
     return decorate
@@ -80,6 +93,10 @@ def load_model(name: str, pretrained: str | None = None, device: str = "cpu", *,
 
     `trust_checkpoint` allows pickle checkpoints that are more than plain tensors (they can run code).
     """
+    from xattn_cli.device import flush_denormals
+
     spec, argument = resolve(name)
     arguments = (pretrained,) if argument is None else (argument, pretrained)
-    return spec.loader(*arguments, trust_checkpoint=trust_checkpoint).to(device)
+    adapter = spec.loader(*arguments, trust_checkpoint=trust_checkpoint).to(device)
+    flush_denormals()  # tiny models hit denormals on the CPU; large ones lose nothing by it
+    return adapter

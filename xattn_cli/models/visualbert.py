@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from xattn_cli.capture import AttentionSite
+from xattn_cli.models.layout import LAYOUTS
 from xattn_cli.models.regions import Regions, RegionSource, RegionVqaAdapter, answer_labels
 
 
 class VisualBertAdapter(RegionVqaAdapter):
     family = "visualbert"
+    layout = LAYOUTS["visualbert"]
 
     def __init__(self, model: torch.nn.Module, tokenizer, regions: RegionSource | None = None,
                  name: str = "hf-visualbert"):
@@ -32,6 +34,11 @@ class VisualBertAdapter(RegionVqaAdapter):
     def pooled_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The token the VQA head reads, per sample. (B,)."""
         return batch["attention_mask"].sum(dim=1) - 2
+
+    def question_words(self, batch: dict[str, torch.Tensor], row: int) -> slice:
+        """The question's word tokens: between [CLS] and [SEP]. The VQA head pools the last of them (the "?",
+        or the last word of a question without one), which is listed too."""
+        return slice(1, int(batch["attention_mask"][row].sum()) - 1)
 
     def attention_sites(self) -> list[AttentionSite]:
         layers = self.model.visual_bert.encoder.layer

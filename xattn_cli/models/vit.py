@@ -1,12 +1,14 @@
 """ViT image classifiers (Hugging Face and timm) as adapters for relevancy."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 
 from xattn_cli.capture import AttentionSite
 from xattn_cli.models.base import Adapter
+from xattn_cli.models.layout import LAYOUTS, Layout
 
 
 class ViTClassifierAdapter(Adapter):
@@ -22,6 +24,10 @@ class ViTClassifierAdapter(Adapter):
     labels: list[str]
     multi_label: bool = False
     default_start_layer: int = 0
+
+    @property
+    def layout(self) -> Layout:
+        return dataclasses.replace(LAYOUTS["vit"], prefix_tokens=self.prefix_tokens)
 
     def grid(self) -> tuple[int, int]:
         return self.native_size[0] // self.patch_size[0], self.native_size[1] // self.patch_size[1]

@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 
-from xattn_cli.eval import METRIC_LABELS
+from xattn_cli.render import METRIC_LABELS
 
 
 def quality_figure(result: dict) -> bytes:

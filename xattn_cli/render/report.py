@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from xattn_cli.errors import UsageError
-from xattn_cli.eval import METRIC_LABELS
-from xattn_cli.io.images import ItemError, load_image
+from xattn_cli.errors import ItemError, UsageError
+from xattn_cli.render import METRIC_LABELS
+from xattn_cli.io.images import load_image
 from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, read_records
 
 THUMBNAIL = 192  # longest side of an embedded image, in pixels

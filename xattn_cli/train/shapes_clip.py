@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from xattn_cli.config import load_config, project_path
+from xattn_cli.config import load_config
+from xattn_cli.device import flush_denormals
 from xattn_cli.train import lr_at
 from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
@@ -92,7 +93,7 @@ def zero_shot_accuracy(model, tokenizer, cfg: dict, n: int = 360, size: int = 64
 
 
 def train(args: argparse.Namespace) -> None:
-    torch.set_flush_denormal(True)
+    flush_denormals()
     torch.manual_seed(args.seed)
     cfg = load_config("shapes-clip")
     work = Path(args.work)

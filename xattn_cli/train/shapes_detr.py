@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from xattn_cli.config import CONFIG_DIR
+from xattn_cli.device import flush_denormals
 from xattn_cli.eval.detection import mean_average_precision
 from xattn_cli.models.base import normalize
 from xattn_cli.models.detr import DetrAdapter, boxes_to_pixels
@@ -195,7 +196,7 @@ def export(adapter: DetrAdapter, cfg: dict, held_out: HeldOut, out: Path, args: 
 
 
 def train(args: argparse.Namespace) -> dict:
-    torch.set_flush_denormal(True)
+    flush_denormals()
     torch.manual_seed(args.seed)
     cfg = json.loads(Path(args.config or CONFIG_DIR / "shapes-detr.json").read_text())
     out = Path(args.out)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from xattn_cli.config import load_config
+from xattn_cli.device import flush_denormals
 from xattn_cli.models.base import normalize
 from xattn_cli.models.vit import build_vit
 from xattn_cli.train import lr_at
@@ -60,7 +61,7 @@ def evaluate(model, cfg: dict, n: int = 600) -> dict[str, float]:
 
 
 def train(args: argparse.Namespace) -> None:
-    torch.set_flush_denormal(True)
+    flush_denormals()
     torch.manual_seed(args.seed)
     cfg = load_config("shapes-vit")
     work = Path(args.work)

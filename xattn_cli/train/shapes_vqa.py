@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from xattn_cli.config import CONFIG_DIR
-from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions
+from xattn_cli.device import flush_denormals
+from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions, build_region_vqa
 from xattn_cli.text import WordTokenizer
 from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, storage_dtype
 from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
@@ -59,24 +60,7 @@ def write_tokenizer(folder: Path):
 
 def build_adapter(cfg: dict, family: str, tokenizer):
     """The family's adapter around a fresh model, its visual tokens from a fresh `GridStem`."""
-    import transformers
-
-    from xattn_cli.models.lxmert import LxmertAdapter
-    from xattn_cli.models.visualbert import VisualBertAdapter
-
-    spec = cfg["regions"]
-    stem = GridStem(spec["stem"]["widths"], spec["cell"])
-    labels = dict(id2label=dict(enumerate(ANSWERS)), label2id={a: i for i, a in enumerate(ANSWERS)})
-    if family == "lxmert":
-        config = transformers.LxmertConfig(**cfg["hf_config"], vocab_size=len(tokenizer),
-                                           visual_feat_dim=stem.dim, num_qa_labels=len(ANSWERS), **labels)
-        model, adapter_class = transformers.LxmertForQuestionAnswering(config), LxmertAdapter
-    else:
-        config = transformers.VisualBertConfig(**cfg["hf_config"], vocab_size=len(tokenizer),
-                                               visual_embedding_dim=stem.dim, num_labels=len(ANSWERS), **labels)
-        model, adapter_class = transformers.VisualBertForQuestionAnswering(config), VisualBertAdapter
-    return adapter_class(model, tokenizer, StemGridRegions(stem, tuple(spec["grid"]), spec["cell"]),
-                         name=f"shapes-{family}")
+    return build_region_vqa(family, cfg, tokenizer, ANSWERS)
 
 
 def training_batch(step: int, batch_size: int, source: GridRegions, size: int):
@@ -166,7 +150,7 @@ def export(adapter, cfg: dict, held_out: HeldOut, out: Path, args: argparse.Name
 
 
 def train(args: argparse.Namespace) -> dict:
-    torch.set_flush_denormal(True)
+    flush_denormals()
     torch.manual_seed(args.seed)
     cfg = json.loads(Path(args.config or CONFIG_DIR / f"shapes-{args.family}.json").read_text())
     out = Path(args.out)

@@ -1,0 +1,38 @@
+"""Where and in what precision models run: device names, autocast, and the CPU denormal switch."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from xattn_cli.errors import UsageError
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → cuda when available; 'cuda' without CUDA is a usage error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for, but CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r} (auto, cpu or cuda)")
+    return device
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the model forward; fp32 runs as is."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (fp32, fp16 or bf16)")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device == "cpu" and dtype is torch.float16:
+        raise UsageError("precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def flush_denormals() -> None:
+    """Treat denormal floats as zero on the CPU: tiny models hit them and run many times slower (DESIGN §7)."""
+    torch.set_flush_denormal(True)
