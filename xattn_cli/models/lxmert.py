@@ -28,10 +28,6 @@ class LxmertAdapter(RegionVqaAdapter):
                             visual_attention_mask=regions.mask)
         return output.question_answering_score  # (B, answers)
 
-    def question_words(self, batch: dict[str, torch.Tensor], row: int) -> slice:
-        """The question's word tokens: between [CLS] and [SEP]."""
-        return slice(1, int(batch["attention_mask"][row].sum()) - 1)
-
     def attention_sites(self) -> list[AttentionSite]:
         encoder = self.model.lxmert.encoder
         language, relation = len(encoder.layer), len(encoder.r_layers)

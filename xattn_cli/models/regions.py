@@ -198,8 +198,9 @@ class RegionVqaAdapter(Adapter):
         raise NotImplementedError
 
     def question_words(self, batch: dict[str, torch.Tensor], row: int) -> slice:
-        """Where the question's words sit among sample `row`'s tokens."""
-        raise NotImplementedError
+        """Where the question's words sit among sample `row`'s tokens: between [CLS] and [SEP] (VisualBERT's
+        head pools the last of them: the "?", or the last word of a question without one)."""
+        return slice(1, int(batch["attention_mask"][row].sum()) - 1)
 
     def attention_sites(self) -> list:
         raise NotImplementedError

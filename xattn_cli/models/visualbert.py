@@ -35,11 +35,6 @@ class VisualBertAdapter(RegionVqaAdapter):
         """The token the VQA head reads, per sample. (B,)."""
         return batch["attention_mask"].sum(dim=1) - 2
 
-    def question_words(self, batch: dict[str, torch.Tensor], row: int) -> slice:
-        """The question's word tokens: between [CLS] and [SEP]. The VQA head pools the last of them (the "?",
-        or the last word of a question without one), which is listed too."""
-        return slice(1, int(batch["attention_mask"][row].sum()) - 1)
-
     def attention_sites(self) -> list[AttentionSite]:
         layers = self.model.visual_bert.encoder.layer
         return [AttentionSite(layer.attention.self, "self", "joint", i, "dropout", "dropout")
