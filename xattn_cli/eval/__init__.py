@@ -1,4 +1,5 @@
-"""Measuring explanations: faithfulness metrics and the `xattn bench quality` run.
+"""Measuring explanations: faithfulness metrics, `xattn bench quality` and `bench perf`. Drives explainers
+and models like any caller; `train/` reuses its metrics so that model cards and benchmarks agree.
 
 The names here import nothing heavy, so the CLI can show them in its help without loading torch.
 """

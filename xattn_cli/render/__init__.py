@@ -1,4 +1,5 @@
-"""Rendering of relevance maps: heatmap overlays for people to look at."""
+"""Rendering for people: heatmap overlays, benchmark plots, the HTML report. Imports errors, io and results;
+never eval, explainers or models (benchmark tables hand it plain dicts)."""
 
 METRIC_LABELS = {"pointing": "pointing ↑", "miou": "mIoU ↑", "energy": "energy ↑", "auc_positive": "AUC+ ↓",
                  "auc_negative": "AUC− ↑"}

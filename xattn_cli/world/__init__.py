@@ -1,0 +1,1 @@
+"""The procedural shapes world (scenes with exact ground truth) and its dataset export. Imports io only."""
