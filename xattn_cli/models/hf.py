@@ -160,5 +160,7 @@ def _load_detr(location: str):
         raise UsageError(f"cannot load DETR from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
     size = image_processor_config(location).get("size", {})
     side = size.get("shortest_edge", 800)
-    adapter = DetrAdapter(model.float(), name=f"hf:{location}", size=(size.get("height", side), size.get("width", side)))
+    edges = None if "height" in size else (side, size.get("longest_edge", 1333))  # fixed size: squashed, as HF does
+    adapter = DetrAdapter(model.float(), name=f"hf:{location}", edges=edges,
+                          size=(size.get("height", side), size.get("width", side)))
     return _with_processor_statistics(adapter, location)
