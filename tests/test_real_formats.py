@@ -321,6 +321,10 @@ def test_resnet_file_explains_and_refuses_blocks(files, tmp_path):
     adapter = load_model("openclip:xattn-tiny-rn", str(files["rn.safetensors"]))
     with pytest.raises(UsageError, match="surgery blocks do not apply"):
         SurgeryExplainer(adapter, ["red"], ensemble=False, blocks=2, text_cache=False)
+    state = adapter.model.state_dict()
+    torch.save({"epoch": 1, "model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "rn-epoch1.pt")
+    from_training = load_model("openclip:xattn-tiny-rn", str(tmp_path / "rn-epoch1.pt")).model.state_dict()
+    assert all(torch.equal(from_training[key], value) for key, value in state.items())
 
 
 def test_degenerate_maps_are_marked_and_counted(files, tmp_path):
