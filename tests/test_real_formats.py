@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_coattention_reference import ANSWERS, CELL, GRID, WORDS, _lxmert_model, _visualbert_model
+from test_coattention_reference import ANSWERS, CELL, GRID, WORDS, _detr_model, _lxmert_model, _visualbert_model
 
 TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2)  # open_clip's BPE tokenizer
 ARCHS = {  # tiny open_clip configs, registered in the CLI's process by PRELUDE
@@ -376,6 +376,20 @@ def test_checkpoint_wrappers_read_the_same_tensors(tmp_path):
     torch.save({"epoch": 1, "note": "no tensors"}, tmp_path / "empty.pt")
     with pytest.raises(UsageError, match="no state dict"):
         load_state_dict(tmp_path / "empty.pt")
+
+
+def test_detr_folder_with_its_image_processor(tmp_path):
+    """DETR's `save_pretrained` folder with the image processor HF saves beside it: its mean and std are used."""
+    import transformers
+
+    from xattn_cli.models.registry import load_model
+
+    _detr_model().save_pretrained(tmp_path / "detr")
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    transformers.DetrImageProcessor(size={"shortest_edge": 40, "longest_edge": 48}, image_mean=mean,
+                                    image_std=std).save_pretrained(tmp_path / "detr")
+    adapter = load_model(f"hf:{tmp_path / 'detr'}")
+    assert list(adapter.mean) == mean and list(adapter.std) == std
 
 
 def test_processor_config_of_transformers_5_is_read(files):
