@@ -348,7 +348,7 @@ def test_openai_tag_config_sets_quickgelu_for_a_file(files, monkeypatch):
     import open_clip
     from open_clip.transformer import QuickGELU
 
-    from xattn_cli.models.bundled import openclip_model
+    from xattn_cli.models.zoo import openclip_model
 
     assert open_clip.get_pretrained_cfg("ViT-B-16", "openai")["quick_gelu"]
     real = open_clip.get_pretrained_cfg

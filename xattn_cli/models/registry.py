@@ -67,7 +67,7 @@ def register_model(name: str, family: str, description: str, *,
 
 
 def _ensure_loaded() -> None:
-    from xattn_cli.models import bundled  # noqa: F401  (registers on import)
+    from xattn_cli.models import bundled, zoo  # noqa: F401  (they register on import)
 
 
 def list_models() -> list[ModelSpec]:
