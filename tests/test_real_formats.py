@@ -433,7 +433,7 @@ def test_hf_refusals(files):
 
     with pytest.raises(UsageError, match="not in the Hugging Face cache"):
         load_model("hf:org/not-cached")
-    with pytest.raises(UsageError, match="--pretrained does not apply"):
+    with pytest.raises(UsageError, match="pretrained weights do not apply"):
         load_model(f"hf:{files['hf-vit']}", str(files["vit.safetensors"]))
     with pytest.raises(UsageError, match=f"hf:{files['hf-vit']} has no surgery; use xattn relevancy"):
         SurgeryExplainer(load_model(f"hf:{files['hf-vit']}"), ["red"])

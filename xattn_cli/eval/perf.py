@@ -58,7 +58,7 @@ def perf_texts(count: int) -> list[str]:
     """`count` distinct shapes-world captions ("a red circle", ...), colours varying fastest."""
     captions = [f"a {color} {shape}" for shape in SHAPES for color in COLORS]
     if not 1 <= count <= len(captions):
-        raise UsageError(f"--texts must be in 1..{len(captions)}")
+        raise UsageError(f"the number of texts must be in 1..{len(captions)}")
     return captions[:count]
 
 

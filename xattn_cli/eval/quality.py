@@ -63,9 +63,9 @@ def load_dataset(folder: str | Path) -> Scenes:
     folder = Path(folder)
     annotations = folder / "annotations.jsonl"
     if not folder.is_dir():
-        raise UsageError(f"--data {folder}: no such folder")
+        raise UsageError(f"dataset {folder}: no such folder")
     if not annotations.is_file():
-        raise UsageError(f"--data {folder}: no annotations.jsonl (a dataset folder as `xattn world export` writes)")
+        raise UsageError(f"dataset {folder}: no annotations.jsonl (a dataset folder as `xattn world export` writes)")
     scenes: Scenes = []
     with open(annotations, encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, 1):
@@ -340,7 +340,7 @@ def check_names(models: Sequence[str], methods: Sequence[str]) -> None:
     from xattn_cli.models.registry import resolve
 
     if not models:
-        raise UsageError("no bundled model with weights to measure; name one with --models")
+        raise UsageError("no bundled model with weights to measure; name the models to measure")
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")

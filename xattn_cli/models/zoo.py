@@ -118,7 +118,7 @@ def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: 
     from xattn_cli.models.hf import load_hf
 
     if pretrained is not None:
-        raise UsageError(f"--pretrained does not apply to hf:{location}: the folder or repo holds the weights")
+        raise UsageError(f"pretrained weights do not apply to hf:{location}: the folder or repo holds them")
     return load_hf(local_or_hub(location, "shapes-* model of the same family"), name=f"hf:{location}")
 
 
