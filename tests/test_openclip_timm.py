@@ -134,3 +134,19 @@ def test_convolutional_tower_is_refused_in_one_line() -> None:
     with pytest.raises(UsageError, match="ConvNeXt, a convolutional network") as caught:
         _tiny_timm_clip("convnext_atto", "", "linear")
     assert "\n" not in str(caught.value)
+
+
+def test_an_uncached_hugging_face_tokenizer_is_one_line_before_any_model_is_built(monkeypatch) -> None:
+    """SigLIP's open_clip configs name a Hugging Face tokenizer; offline and not cached, that is a usage error
+    (the model, 200M random parameters, is not built first)."""
+    import open_clip
+
+    from xattn_cli.errors import UsageError
+    from xattn_cli.models.registry import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    built = []
+    monkeypatch.setattr(open_clip, "create_model", lambda *args, **kwargs: built.append(args))
+    with pytest.raises(UsageError, match="cannot load the tokenizer of open_clip ViT-B-16-SigLIP") as caught:
+        load_model("openclip:ViT-B-16-SigLIP")
+    assert "\n" not in str(caught.value) and built == []
