@@ -1,0 +1,128 @@
+"""Render the figure tables of the model cards from the benchmark JSON; the prose stays hand-written.
+
+    python benchmarks/cards.py           # rewrite the tables of every card in place
+    python benchmarks/cards.py --check   # exit 1, naming the cards, where a table differs from its JSON
+
+A card marks each generated table with `<!-- figures:NAME -->` … `<!-- /figures:NAME -->`; this file says,
+per card and NAME, which JSON (written by the benchmark's `--json`) and which rows. A figure with a target
+is the card's headline: bold, with the target, and "not met" when it is below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+MARKED = re.compile(r"(<!-- figures:(?P<name>[\w-]+) -->\n)(?P<table>.*?)(<!-- /figures:(?P=name) -->)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    keys: tuple[str, ...]  # one figure, or several shown as "a / b / c"
+    target: float | None = None  # headline: bold, "(target ≥ T)", "not met" below it
+    at_most: tuple[str, str] | None = None  # (claim, key): this figure should not exceed that one's
+
+    def render(self, figures: dict[str, float]) -> str:
+        values = [figures[key] for key in self.keys]
+        text = " / ".join(f"{value:.3f}" for value in values)
+        notes = []
+        if self.target is not None:
+            notes.append(f"target ≥ {self.target:.2f}" + ("" if values[0] >= self.target else ": **not met**"))
+        if self.at_most is not None and values[0] > figures[self.at_most[1]]:
+            notes.append(f"{self.at_most[0]}: **not met**")
+        if notes:
+            text = f"**{text}** ({'; '.join(notes)})"
+        return f"| {self.label} | {text} |"
+
+
+def row(label: str, *keys: str, target: float | None = None, at_most: tuple[str, str] | None = None) -> Row:
+    return Row(label, keys, target, at_most)
+
+
+def figure_table(rows: list[Row]) -> Callable[[dict], str]:
+    def render(figures: dict[str, float]) -> str:
+        return "\n".join(["| figure | value |", "| --- | --- |", *(r.render(figures) for r in rows)]) + "\n"
+    return render
+
+
+def _vqa_rows(model: str, chefer: str, raw: str, gradcam: str) -> list[Row]:
+    def key(figure: str) -> str:
+        return f"{model} {figure}"
+
+    return [
+        row("held-out answer accuracy (500 scenes of stream 12000, 2,675 questions)", key("accuracy"), target=0.85),
+        row("colour / shape / yes-no questions", key("accuracy_colour"), key("accuracy_shape"), key("accuracy_yes_no")),
+        row(f"pointing game, Chefer relevancy ({chefer})", key("pointing chefer"), target=0.80),
+        row(f"pointing game, raw attention ({raw})", key("pointing raw"),
+            at_most=("Chefer ≥ raw", key("pointing chefer"))),
+        row(f"pointing game, attention Grad-CAM ({gradcam})", key("pointing attn-gradcam")),
+        row("the same three over the questions the model answered right: Chefer / raw / attention Grad-CAM",
+            key("pointing chefer, answered right"), key("pointing raw, answered right"),
+            key("pointing attn-gradcam, answered right")),
+    ]
+
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+
+CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
+    "assets/models/shapes-lxmert/README.md": {"figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
+        "shapes-lxmert", "bi-modal rules, [CLS] row of R^ti", "last text→vision cross attention, [CLS] row",
+        "the same attention, gradient-weighted heads")))},
+    "assets/models/shapes-visualbert/README.md": {"figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
+        "shapes-visualbert", "all layers, read at the pooled token", "last layer, pooled row", "last layer")))},
+    "assets/models/shapes-detr/README.md": {"figures": ("shapes_multimodal.json", figure_table([
+        row("held-out mAP@0.5 (500 scenes of stream 13000; every query a detection scored by its best class)",
+            "shapes-detr map50", target=0.70),
+        row("AP@0.5 " + " / ".join(SHAPES), *(f"shapes-detr ap50_{shape}" for shape in SHAPES)),
+        row("per-detection pointing, Chefer relevancy (encoder-decoder rules, R^qi of the query)",
+            "shapes-detr pointing chefer", target=0.90),
+        row("per-detection pointing, raw attention (last decoder cross attention, the query's row)",
+            "shapes-detr pointing raw", at_most=("Chefer ≥ raw", "shapes-detr pointing chefer")),
+        row("per-detection pointing, attention Grad-CAM (the same attention, gradient-weighted heads)",
+            "shapes-detr pointing attn-gradcam"),
+    ]))},
+}
+
+
+def render(card: str, text: str, benchmarks: Path = BENCHMARKS) -> str:
+    """`text` (a card's markdown) with each marked table rendered from its JSON in `benchmarks`."""
+    blocks = CARDS[card]
+    found = [match["name"] for match in MARKED.finditer(text)]
+    if sorted(found) != sorted(blocks):
+        raise ValueError(f"{card}: marked tables {found}, expected {sorted(blocks)}")
+
+    def table(match: re.Match) -> str:
+        source, make = blocks[match["name"]]
+        figures = json.loads((benchmarks / source).read_text())
+        return match.group(1) + make(figures) + match.group(4)
+
+    return MARKED.sub(table, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a card is out of date")
+    args = parser.parse_args()
+    stale = []
+    for card in CARDS:
+        path = ROOT / card
+        text = path.read_text()
+        rendered = render(card, text)
+        if rendered != text:
+            stale.append(card)
+            if not args.check:
+                path.write_text(rendered)
+    if stale:
+        print(("out of date: " if args.check else "rewrote: ") + ", ".join(stale), file=sys.stderr)
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Model cards take their figures from the benchmark JSON: each committed card equals what
+`benchmarks/cards.py` renders from the committed JSON (after a benchmark rerun: `python benchmarks/cards.py`)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_cards():
+    spec = importlib.util.spec_from_file_location("cards", ROOT / "benchmarks" / "cards.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cards"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+cards = _load_cards()
+
+
+@pytest.mark.parametrize("card", sorted(cards.CARDS))
+def test_committed_card_equals_its_rendering_from_the_json(card):
+    text = (ROOT / card).read_text()
+    assert cards.render(card, text) == text, f"{card} differs from its benchmark JSON: run python benchmarks/cards.py"
+
+
+def test_a_changed_figure_reaches_the_card(tmp_path):
+    card = "assets/models/shapes-detr/README.md"
+    shutil.copy(ROOT / "benchmarks" / "shapes_multimodal.json", tmp_path)
+    figures = json.loads((tmp_path / "shapes_multimodal.json").read_text())
+    figures["shapes-detr map50"] = 0.5  # below the 0.70 target
+    figures["shapes-detr pointing raw"] = figures["shapes-detr pointing chefer"] + 0.01
+    (tmp_path / "shapes_multimodal.json").write_text(json.dumps(figures))
+    text = (ROOT / card).read_text()
+    rendered = cards.render(card, text, benchmarks=tmp_path)
+    assert "| **0.500** (target ≥ 0.70: **not met**) |" in rendered
+    assert "(Chefer ≥ raw: **not met**) |" in rendered and "(Chefer ≥ raw" not in text
+    assert rendered.split("<!-- figures:figures -->")[0] == text.split("<!-- figures:figures -->")[0]  # prose kept
+
+
+def test_a_card_without_its_markers_is_refused():
+    card = "assets/models/shapes-detr/README.md"
+    text = (ROOT / card).read_text().replace("<!-- /figures:figures -->", "")
+    with pytest.raises(ValueError, match="marked tables"):
+        cards.render(card, text)
