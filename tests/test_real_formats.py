@@ -471,7 +471,7 @@ def test_labels_files(files, tmp_path):
         read_labels(tmp_path / "gap.json")
     with pytest.raises(UsageError, match="names 5 labels; timm:test_vit has 1000"):
         apply_labels(load_model("timm:test_vit", str(files["timm-1000.safetensors"])), files["five.json"])
-    with pytest.raises(UsageError, match="--labels is for classifiers and VQA models"):
+    with pytest.raises(UsageError, match="labels file is for classifiers and VQA models"):
         apply_labels(load_model(f"hf:{files['hf-clip']}"), files["five.json"])
 
 
@@ -499,5 +499,5 @@ def test_options_that_do_not_apply_are_usage_errors(files):
     lxmert = load_model(f"hf:{files['lxmert']}")
     with pytest.raises(UsageError, match="precision"):
         build_relevancy(lxmert, method="chefer", questions=["what colour is the star ?"], precision="bf16")
-    with pytest.raises(UsageError, match="--labels is for classifiers and VQA models"):
+    with pytest.raises(UsageError, match="labels file is for classifiers and VQA models"):
         apply_labels(load_model("shapes-detr"), files["five.json"])

@@ -18,7 +18,7 @@ from xattn_cli.errors import ItemError
 from xattn_cli.io.images import DEFAULT_MAX_PIXELS
 from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_png
 from xattn_cli.io.stream import decoded_images, default_workers
-from xattn_cli.render.overlay import Box, overlay_heatmap
+from xattn_cli.render.overlay import Box, overlay_heatmap, overlay_kept
 from xattn_cli.results import TargetMap
 
 
@@ -136,8 +136,11 @@ class BatchRunner:
         for target in targets:
             entry = target.to_json()
             overlay_path = namer.artifact_path(self.out_dir, path, target.target, "png")
-            overlay = overlay_heatmap(image, target.map, points=target.extra.get("points"),
-                                      boxes=detection_boxes(target))
+            if self.explainer.spec.explainer == "mask":  # a binary mask: the kept patches outlined
+                overlay = overlay_kept(image, target.map)
+            else:
+                overlay = overlay_heatmap(image, target.map, points=target.extra.get("points"),
+                                          boxes=detection_boxes(target))
             atomic_save_png(overlay_path, overlay)
             entry["overlay"] = str(overlay_path)
             entry["map"] = None
