@@ -98,6 +98,12 @@ def _explainer(adapter, method: str, **targets):
 
     if method == "surgery":  # no 85-template ensemble: a smoke test, and the full-size alias's text tower is slow
         return SurgeryExplainer(adapter, targets["texts"], ensemble=False, text_cache=False)
+    if METHODS[method].explainer == "mask":  # two optimisation steps: the mechanics, not the mask's quality
+        from xattn_cli.explainers.mask import MaskExplainer
+        from xattn_cli.methods.token_mask import MaskSettings
+
+        return MaskExplainer(adapter, targets=targets.get("targets", ()), texts=targets.get("texts", ()),
+                             settings=MaskSettings(steps=2))
     return build_relevancy(adapter, method=method, **targets)
 
 

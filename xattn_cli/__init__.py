@@ -4,6 +4,7 @@
     >>> results = surgery(["scene.png"], ["a red circle", "a blue star"], model="shapes-clip")
     >>> results[0].maps.shape, results[0].scores
     >>> relevancy(["scene.png"], model="shapes-vit", method="chefer")[0].targets
+    >>> mask(["scene.png"], model="shapes-vit", keep_ratio=0.25)[0].targets[0].extra["kept_tokens"]
 
 Packages, and what each may import (tests/test_imports.py holds them to it):
     errors, tensors, device, results, text, cache, config  leaves: no other package
@@ -20,11 +21,11 @@ Importing this package is cheap: torch loads only when a model or method is used
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_model", "relevancy", "surgery"]
+__all__ = ["__version__", "load_model", "mask", "relevancy", "surgery"]
 
 
 def __getattr__(name: str):
-    if name in ("load_model", "relevancy", "surgery"):
+    if name in ("load_model", "mask", "relevancy", "surgery"):
         from xattn_cli import api
 
         return getattr(api, name)

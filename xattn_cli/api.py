@@ -1,6 +1,6 @@
 """The public Python API: what the CLI calls, usable from notebooks and other tools.
 
-Both entry points run the CLI's batch loop (`runner.explained`) and return `Explanation`s in memory
+The entry points run the CLI's batch loop (`runner.explained`) and return `Explanation`s in memory
 instead of writing files.
 """
 from __future__ import annotations
@@ -75,3 +75,26 @@ def relevancy(images: Sequence[str | Path | Image.Image], *, model: str = "shape
 
     adapter = load_model(model, pretrained, device)
     return _explain(build_relevancy(adapter, method=method, **targets), images, batch_size)
+
+
+def mask(images: Sequence[str | Path | Image.Image], *, model: str = "shapes-vit", targets: Sequence[str] = (),
+         texts: Sequence[str] = (), keep_ratio: float = 0.25, steps: int = 100, seed: int = 0,
+         pretrained: str | None = None, device: str = "auto", batch_size: int = 8) -> list[Explanation]:
+    """Learned token masks: per image and target, the round(keep_ratio × patches) patches that alone keep the
+    model's decision (see `xattn mask`).
+
+    Args:
+        images: paths or PIL images.
+        targets: classifiers: labels or indices (default the predicted classes); texts: CLIP models.
+        seed: the Gumbel noise seed; an item's noise depends on its content and target, not its batch.
+    Returns:
+        One `Explanation` per image, with `.maps` (K, H, W) binary (1 = kept) and `.scores`; each target's
+        `extra` holds kept, kept_threshold, kept_tokens, score_kept, score_removed, steps and seed.
+    """
+    from xattn_cli.explainers.mask import MaskExplainer
+    from xattn_cli.methods.token_mask import MaskSettings
+
+    adapter = load_model(model, pretrained, device)
+    explainer = MaskExplainer(adapter, targets=targets, texts=texts, settings=MaskSettings(ratio=keep_ratio, steps=steps),
+                              seed=seed)
+    return _explain(explainer, images, batch_size)

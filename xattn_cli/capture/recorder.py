@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from xattn_cli.nn.masked_attention import masked_softmax
 from xattn_cli.tensors import merge_heads, split_heads
 
 
@@ -67,12 +68,30 @@ class AttentionSite:
 # --- backends ------------------------------------------------------------------------------------
 _HF_IMPLEMENTATION = "xattn_record"
 _HF_SITES: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[[torch.Tensor], None]]" = weakref.WeakKeyDictionary()
+_HF_MASKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.Tensor, int]]" = weakref.WeakKeyDictionary()
+"""Modules under a `TokenMask`: (keep (B, Nk), prefix tokens)."""
+
+
+def _hf_masked_attention(module, query, key, value, attention_mask, keep: torch.Tensor, prefix: int,
+                         scaling: float | None = None, dropout: float = 0.0, **_):
+    """Eager attention with Ψ (`masked_softmax`) for softmax, in float32 at least (float64 stays float64)."""
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scaling is None else scaling)  # (B, H, Nq, Nk)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    probs = masked_softmax(scores.to(dtype), keep, prefix).to(query.dtype)  # (B, H, Nq, Nk)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), probs  # (B, Nq, H, d)
 
 
 def _hf_recording_attention(module, query, key, value, attention_mask, **kwargs):
-    """The model's own eager attention, reporting the probabilities that multiply V."""
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    output, probs = eager(module, query, key, value, attention_mask, **kwargs)
+    """The model's own eager attention (Ψ under a `TokenMask`), reporting the probabilities that multiply V."""
+    mask = _HF_MASKS.get(module)
+    if mask is None:
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        output, probs = eager(module, query, key, value, attention_mask, **kwargs)
+    else:
+        output, probs = _hf_masked_attention(module, query, key, value, attention_mask, *mask, **kwargs)
     record = _HF_SITES.get(module)
     if record is not None:
         record(probs)
@@ -93,12 +112,24 @@ def _register_hf_backend() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(_HF_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
-class _RecordingMultiheadAttention(torch.nn.Module):
-    """Stands in for an `nn.MultiheadAttention` (batch_first or not) and reports per-head probabilities."""
+def use_hf_backend(module: torch.nn.Module) -> Callable[[], None]:
+    """Switch the config of a HF attention module to our attention function; returns the undo."""
+    _register_hf_backend()
+    config = module.config
+    previous = config._attn_implementation
+    config._attn_implementation_internal = _HF_IMPLEMENTATION
+    return lambda: setattr(config, "_attn_implementation_internal", previous)
 
-    def __init__(self, original: torch.nn.MultiheadAttention, record: Callable[[torch.Tensor], None]):
+
+class _RecordingMultiheadAttention(torch.nn.Module):
+    """Stands in for an `nn.MultiheadAttention` (batch_first or not) and reports per-head probabilities to each
+    of `records`; with `mask` = (keep (B, Nk), prefix tokens) set, its softmax is Ψ (`masked_softmax`)."""
+
+    def __init__(self, original: torch.nn.MultiheadAttention):
         super().__init__()
-        self.original, self.record = original, record
+        self.original = original
+        self.records: list[Callable[[torch.Tensor], None]] = []
+        self.mask: tuple[torch.Tensor, int] | None = None
         self.batch_first = original.batch_first
 
     def forward(self, query, key, value, need_weights=False, attn_mask=None, key_padding_mask=None, **_):
@@ -119,8 +150,9 @@ class _RecordingMultiheadAttention(torch.nn.Module):
             scores = scores + attn_mask
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)  # (B, H, Nq, Nk)
-        self.record(probs)
+        probs = scores.softmax(dim=-1) if self.mask is None else masked_softmax(scores, *self.mask)  # (B, H, Nq, Nk)
+        for record in self.records:
+            record(probs)
         output = mha.out_proj(merge_heads(probs @ v))  # (B, Nq, D)
         if not self.batch_first:
             output = output.transpose(0, 1)
@@ -188,13 +220,9 @@ class AttentionRecorder:
 
     def _install(self, site: AttentionSite, record: Callable[[torch.Tensor], None]) -> None:
         if site.backend == "hf":
-            _register_hf_backend()
-            config = site.module.config
-            previous = config._attn_implementation
-            config._attn_implementation_internal = _HF_IMPLEMENTATION
+            undo = use_hf_backend(site.module)
             _HF_SITES[site.module] = record
-            self._undo.append(lambda: (_HF_SITES.pop(site.module, None),
-                                       setattr(config, "_attn_implementation_internal", previous)))
+            self._undo.append(lambda: (_HF_SITES.pop(site.module, None), undo()))
         elif site.backend == "timm":
             previous = site.module.fused_attn
             site.module.fused_attn = False
@@ -204,12 +232,21 @@ class AttentionRecorder:
             handle = getattr(site.module, site.attribute).register_forward_hook(lambda _m, _i, output: record(output))
             self._undo.append(handle.remove)
         elif site.backend == "mha":
-            owner, name = site.module, site.attribute
-            original = getattr(owner, name)
-            setattr(owner, name, _RecordingMultiheadAttention(original, record))
-            self._undo.append(lambda: setattr(owner, name, original))
+            stand_in, undo = mha_stand_in(site.module, site.attribute)
+            stand_in.records.append(record)
+            self._undo.append(lambda: (stand_in.records.remove(record), undo()))
         else:
             raise ValueError(f"unknown attention backend {site.backend!r}")
+
+
+def mha_stand_in(owner: torch.nn.Module, name: str) -> tuple[_RecordingMultiheadAttention, Callable[[], None]]:
+    """The stand-in at `owner.name`, installed unless a recorder or mask already did; returns it and the undo."""
+    current = getattr(owner, name)
+    if isinstance(current, _RecordingMultiheadAttention):
+        return current, lambda: None
+    stand_in = _RecordingMultiheadAttention(current)
+    setattr(owner, name, stand_in)
+    return stand_in, lambda: setattr(owner, name, current)
 
 
 def events_by_layer(events: list[AttentionEvent]) -> Iterator[AttentionEvent]:

@@ -9,7 +9,7 @@ import typer
 
 from xattn_cli.cli import _options as opt
 from xattn_cli.eval import BASELINES, DEFAULT_SANITY_SCENES, DEFAULT_SCENES, HELD_OUT_SEED
-from xattn_cli.methods import method_names
+from xattn_cli.methods import MAP_EXPLAINERS, method_names
 
 app = typer.Typer(help="Measure explanations: faithfulness against ground truth, and speed.",
                   no_args_is_help=True)
@@ -24,7 +24,7 @@ def _names(values: list[str] | None) -> list[str]:
 def quality(
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (images/, masks/, annotations.jsonl) [default: a generated held-out set].", show_default=False)] = None,
     models: Annotated[Optional[list[str]], typer.Option("--models", help="Models to measure; repeat or comma-separate [default: every bundled model].", show_default=False)] = None,
-    methods: Annotated[Optional[list[str]], typer.Option("--methods", help=f"{', '.join(method_names())}, and the baselines {', '.join(BASELINES)}; repeat or comma-separate [default: all].", show_default=False)] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", help=f"{', '.join(method_names(MAP_EXPLAINERS))}, and the baselines {', '.join(BASELINES)}; repeat or comma-separate [default: all].", show_default=False)] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON (`xattn report` renders its folder).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the results here as a PNG.")] = None,
     scenes: Annotated[int, typer.Option("--scenes", min=1, help="Held-out scenes to generate (without --data).")] = DEFAULT_SCENES,
@@ -74,7 +74,7 @@ def quality(
 @app.command("perf")
 def perf(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`), e.g. openclip:ViT-B-16.")] = "shapes-clip",
-    method: Annotated[str, typer.Option("--method", help=f"{', '.join(method_names())} [default: surgery for CLIP models, else chefer].", show_default=False)] = "",
+    method: Annotated[str, typer.Option("--method", help=f"{', '.join(method_names(MAP_EXPLAINERS))} [default: surgery for CLIP models, else chefer].", show_default=False)] = "",
     pretrained: opt.PretrainedOpt = None,
     batch_size: opt.BatchSizeOpt = 16,
     texts: Annotated[int, typer.Option("--texts", min=1, help="CLIP models: number of texts explained per image.")] = 20,

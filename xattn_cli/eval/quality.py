@@ -36,12 +36,12 @@ from xattn_cli.eval import BASELINES, DEFAULT_SCENES, HELD_OUT_SEED
 from xattn_cli.eval.metrics import (PERTURBATION_STEPS, bootstrap_ci, energy_in_mask, mean_threshold_miou,
                                     perturbation_auc, pointing, pool_to_tokens, remove_tokens, spearman)
 from xattn_cli.io.images import load_image
-from xattn_cli.methods import method_names
+from xattn_cli.methods import MAP_EXPLAINERS, method_names
 from xattn_cli.render import METRIC_LABELS
 from xattn_cli.world.shapes import Scene, SceneObject, scene_at
 
 SCENE_SIZE = 64  # the bundled models' input size
-METHODS = (*method_names(), *BASELINES)
+METHODS = (*method_names(MAP_EXPLAINERS), *BASELINES)
 METRICS = tuple(METRIC_LABELS)
 CONFIDENCE = 0.95
 SANITY_FLAG = 0.5  # mean Spearman with every block random at or above this: the maps ignore the model
@@ -162,7 +162,7 @@ def memoised(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.T
 
 
 class ClipTask(Task):
-    methods = tuple(method_names(rule="self"))
+    methods = tuple(method_names(MAP_EXPLAINERS, "self"))
 
     def __init__(self, adapter, targets: Iterable[str]):
         super().__init__(adapter, targets)

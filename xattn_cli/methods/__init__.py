@@ -23,10 +23,10 @@ RESIDUAL_RULES = ("guarded", "official")
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    explainer: str  # the command that runs it: "surgery" or "relevancy"
+    explainer: str  # the command that runs it: "surgery", "relevancy" or "mask"
     needs_gradients: bool
     last_layer_only: bool  # reads one attention layer, the last, instead of every layer from the start layer
-    rules: tuple[str, ...]  # the attention layouts it applies to (empty for surgery, which has its own)
+    rules: tuple[str, ...]  # the attention layouts it applies to (empty: any its command takes, e.g. surgery)
     summary: str
 
 
@@ -39,14 +39,21 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                "attention rollout (Abnar & Zuidema, 2020); its co-attention versions disagree, so self only"),
     MethodSpec("raw", "relevancy", False, True, RULES, "the last layer's attention, mean over heads"),
     MethodSpec("attn-gradcam", "relevancy", True, True, RULES, "Grad-CAM over the last layer's attention heads"),
+    MethodSpec("mask", "mask", True, False, ("self",),
+               "learned token masks: the patches of a fixed budget that keep the decision (after MEAT, CVPR 2022)"),
 )}
 
+MAP_EXPLAINERS = ("surgery", "relevancy")
+"""The commands whose methods give graded maps, the ones `bench` measures (`mask` joins with issue 16 item 6)."""
 
-def method_names(explainer: str | None = None, rule: str | None = None) -> list[str]:
-    """Registered methods, optionally only those one command runs and one relevance rule supports."""
+
+def method_names(explainer: str | tuple[str, ...] | None = None, rule: str | None = None) -> list[str]:
+    """Registered methods, optionally only those one command (or any of several) runs and one relevance rule
+    supports."""
+    commands = (explainer,) if isinstance(explainer, str) else explainer
     return [spec.name for spec in METHODS.values()
-            if (explainer is None or spec.explainer == explainer)
-            and (rule is None or spec.explainer != "relevancy" or rule in spec.rules)]
+            if (commands is None or spec.explainer in commands)
+            and (rule is None or not spec.rules or rule in spec.rules)]
 
 
 def method_spec(name: str, rule: str | None = None, model: str = "") -> MethodSpec:

@@ -17,7 +17,7 @@ class Layout:
     task: what the model answers — "classify" (labels), "image-text" (CLIP similarity), "vqa" (a question
         about regions), "detect" (boxes); it chooses the relevancy explainer.
     rule: how relevance propagates through its attention, one of `xattn_cli.methods.RULES`.
-    explainers: the commands that apply ("surgery", "relevancy").
+    explainers: the commands that apply ("surgery", "relevancy", "mask").
     prefix_tokens: tokens before the image patches (CLS, registers); relevance is read from token 0's row.
     visual: "patches" (a row-major grid at the input size; the adapter's `grid`) or "regions" (boxes).
     """
@@ -30,8 +30,8 @@ class Layout:
 
 
 LAYOUTS = {
-    "clip": Layout("image-text", "self", ("surgery", "relevancy")),
-    "vit": Layout("classify", "self", ("relevancy",)),
+    "clip": Layout("image-text", "self", ("surgery", "relevancy", "mask")),
+    "vit": Layout("classify", "self", ("relevancy", "mask")),
     "lxmert": Layout("vqa", "bimodal", ("relevancy",), prefix_tokens=0, visual="regions"),
     "visualbert": Layout("vqa", "joint", ("relevancy",), prefix_tokens=0, visual="regions"),
     "detr": Layout("detect", "encoder-decoder", ("relevancy",), prefix_tokens=0),

@@ -82,3 +82,17 @@ def _draw_box(draw: ImageDraw.ImageDraw, corners: tuple[float, float, float, flo
         anchor = (min(x0, x1) + 2, min(y0, y1) + 2)
         draw.rectangle(draw.textbbox(anchor, label), fill=DARK)
         draw.text(anchor, label, fill=LIGHT)
+
+
+def overlay_kept(image: Image.Image, kept: np.ndarray, dim: float = 0.35) -> Image.Image:
+    """The kept pixels of `kept` (H×W, 1 = kept, at the image's size) at full brightness, the rest dimmed to
+    `dim`, and the kept region's border drawn in white. Raises ValueError for a mask of another size."""
+    keep = np.asarray(kept) > 0.5
+    if keep.shape != (image.height, image.width):
+        raise ValueError(f"mask shape {keep.shape} does not match the image's (H, W) = {(image.height, image.width)}")
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    shown = np.where(keep[..., None], pixels, dim * pixels)
+    padded = np.pad(keep, 1, constant_values=False)
+    inside = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]  # 4 neighbours kept
+    shown[keep & ~inside] = LIGHT
+    return Image.fromarray(shown.round().astype(np.uint8))
