@@ -72,6 +72,14 @@ def _vqa_rows(model: str, chefer: str, raw: str, gradcam: str) -> list[Row]:
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
+    "assets/weights/shapes-clip.md": {"figures": ("shapes_clip.json", figure_table([
+        row("zero-shot top-1 over the 36 colour×shape captions, 600 held-out single-object scenes (plain "
+            "captions)", "zero_shot_plain", target=0.90),
+        row("the same with the 85-template ensemble", "zero_shot_ensemble"),
+        row("CLIP Surgery pointing: map peak inside the object, for each object of 300 held-out 2–4-object "
+            "scenes, the scene's captions as texts", "pointing_surgery", target=0.80),
+        row("plain patch–text similarity (no surgery), same scenes", "pointing_plain_similarity"),
+    ]))},
     "assets/models/shapes-lxmert/README.md": {"figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
         "shapes-lxmert", "bi-modal rules, [CLS] row of R^ti", "last text→vision cross attention, [CLS] row",
         "the same attention, gradient-weighted heads")))},
