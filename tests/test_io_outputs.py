@@ -155,7 +155,7 @@ def test_resume_removes_only_the_temporaries_of_unfinished_writes(tmp_path: Path
     assert (tmp_path / "kept.png").read_bytes() == b"done"
 
 
-def test_results_log_ignores_and_seals_a_truncated_last_line(tmp_path: Path) -> None:
+def test_results_log_ignores_and_truncates_a_cut_off_last_line(tmp_path: Path) -> None:
     with ResultsLog(tmp_path) as log:
         log.append({"image": "a.png", "status": "ok"})
     with open(tmp_path / "results.jsonl", "a", encoding="utf-8") as file:
@@ -164,6 +164,8 @@ def test_results_log_ignores_and_seals_a_truncated_last_line(tmp_path: Path) -> 
         assert log.done_items() == {"a.png"}
         log.append({"image": "c.png", "status": "ok"})
         assert log.done_items() == {"a.png", "c.png"}
+    lines = (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["image"] for line in lines] == ["a.png", "c.png"]  # the cut-off line is gone
 
 
 def test_results_log_rejects_nan(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from xattn_cli.explainers.base import Explainer
 from xattn_cli.errors import ItemError
 from xattn_cli.io.images import DEFAULT_MAX_PIXELS
-from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_png
+from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_overlay
 from xattn_cli.io.stream import decoded_images, default_workers
 from xattn_cli.render.overlay import Box, overlay_heatmap, overlay_kept
 from xattn_cli.results import TargetMap
@@ -90,18 +90,24 @@ def detection_boxes(target: TargetMap) -> list[Box]:
 
 
 class BatchRunner:
-    """Drives an explainer over image paths, writing overlays, maps and the manifest in `out_dir`."""
+    """Drives an explainer over image paths, writing overlays, maps and the manifest in `out_dir`.
+
+    `overlays`: "png", "jpg" or "none" (records then name no overlay: maps and scores only)."""
 
     def __init__(self, explainer: Explainer, out_dir: str | Path, *, device: str, save_maps: bool = False,
-                 batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None):
-        self.explainer, self.out_dir, self.save_maps = explainer, Path(out_dir), save_maps
+                 batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                 overlays: str = "png"):
+        self.explainer, self.out_dir, self.save_maps, self.overlays = explainer, Path(out_dir), save_maps, overlays
         self.batch_size, self.max_pixels, self.workers = max(1, batch_size), max_pixels, workers
         self.meta = run_meta(explainer, device)
 
     def run(self, paths: Sequence[str], resume: bool = False,
-            on_record: Callable[[dict[str, Any]], None] = lambda record: None) -> RunSummary:
+            on_record: Callable[[dict[str, Any]], None] = lambda record: None,
+            named_among: Sequence[str] | None = None) -> RunSummary:
+        """Explain `paths`. Artifact names are made unique among `named_among` (default: `paths`): a shard
+        passes every input, so its files are named as a single run over all of them would name them."""
         summary = RunSummary()
-        namer = OutputNamer(paths)
+        namer = OutputNamer(paths if named_among is None else named_among)
         with ResultsLog(self.out_dir) as log:
             if resume:
                 log.remove_unfinished_writes()  # a killed run's half-written files, never trusted, now gone
@@ -135,14 +141,16 @@ class BatchRunner:
         entries = []
         for target in targets:
             entry = target.to_json()
-            overlay_path = namer.artifact_path(self.out_dir, path, target.target, "png")
-            if self.explainer.spec.explainer == "mask":  # a binary mask: the kept patches outlined
-                overlay = overlay_kept(image, target.map)
-            else:
-                overlay = overlay_heatmap(image, target.map, points=target.extra.get("points"),
-                                          boxes=detection_boxes(target))
-            atomic_save_png(overlay_path, overlay)
-            entry["overlay"] = str(overlay_path)
+            entry["overlay"] = None
+            if self.overlays != "none":
+                overlay_path = namer.artifact_path(self.out_dir, path, target.target, self.overlays)
+                if self.explainer.spec.explainer == "mask":  # a binary mask: the kept patches outlined
+                    overlay = overlay_kept(image, target.map)
+                else:
+                    overlay = overlay_heatmap(image, target.map, points=target.extra.get("points"),
+                                              boxes=detection_boxes(target))
+                atomic_save_overlay(overlay_path, overlay, self.overlays)
+                entry["overlay"] = str(overlay_path)
             entry["map"] = None
             if self.save_maps:
                 map_path = namer.artifact_path(self.out_dir, path, target.target, "npy")

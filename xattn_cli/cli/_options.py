@@ -34,3 +34,13 @@ MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse l
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="Image-decoding processes [default: 0 for short runs, else half the cores, at most 4].", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]
 TrustCheckpointOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle checkpoints that can run code (only for sources you trust).")]
+
+
+class Overlays(str, Enum):
+    png = "png"
+    jpg = "jpg"
+    none = "none"
+
+
+OverlaysOpt = Annotated[Overlays, typer.Option("--overlays", help="Overlay files: png, jpg (quality 90), or none (maps and scores only).")]
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Explain only shard I (0-based) of N: the inputs whose sha1(path) mod N is I. N runs cover every input once; `xattn merge` joins their --out folders.", show_default=False)]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import typer
 
-from xattn_cli.cli._options import OutputFormat
+from xattn_cli.cli._options import OutputFormat, Overlays
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -27,16 +27,27 @@ def resolve_format(requested: OutputFormat | None) -> OutputFormat:
 
 def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *, out: Path, save_maps: bool,
                     output_format: OutputFormat | None, device: str, batch_size: int, resume: bool,
-                    max_pixels: int, quiet: bool, workers: int | None = None) -> None:
-    """Expand inputs, build the explainer (usage errors → exit 2), run, print, exit 0/1/130."""
+                    max_pixels: int, quiet: bool, workers: int | None = None, overlays: Overlays = Overlays.png,
+                    shard: str | None = None) -> None:
+    """Expand inputs, keep this shard's, build the explainer (usage errors → exit 2), run, print, exit 0/1/130."""
     from xattn_cli.errors import UsageError
     from xattn_cli.io.inputs import expand_inputs
+    from xattn_cli.io.shards import in_shard, parse_shard
 
     output_format = resolve_format(output_format)
     try:
-        paths = expand_inputs(images, sys.stdin)
-    except ValueError as error:
+        inputs = expand_inputs(images, sys.stdin)
+        paths = inputs if shard is None else in_shard(inputs, *parse_shard(shard))
+    except (ValueError, UsageError) as error:
         raise fail(str(error)) from None
+    if not paths:  # a shard of few inputs can be empty: no model is loaded, and an empty manifest is left
+        from xattn_cli.io.outputs import ResultsLog
+
+        ResultsLog(out).close()
+        if output_format is OutputFormat.json:
+            typer.echo("[]")
+        typer.echo(f"xattn: shard {shard} holds none of the {len(inputs)} input(s)", err=True)
+        return
     if resume and _all_finished(paths, out):  # nothing to explain: no model is loaded
         if output_format is OutputFormat.json:
             typer.echo("[]")
@@ -49,7 +60,7 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         device = resolve_device(device)
         explainer = build_explainer(device)
         runner = BatchRunner(explainer, out, device=device, save_maps=save_maps, batch_size=batch_size,
-                             max_pixels=max_pixels, workers=workers)
+                             max_pixels=max_pixels, workers=workers, overlays=overlays.value)
     except UsageError as error:
         raise fail(str(error)) from None
     collected: list[dict[str, Any]] = []  # only for json and table, which print at the end
@@ -66,7 +77,8 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
 
     try:
         with _progress(len(paths), quiet) as advance:
-            summary = runner.run(paths, resume=resume, on_record=lambda record: (emit(record), advance()))
+            summary = runner.run(paths, resume=resume, on_record=lambda record: (emit(record), advance()),
+                                 named_among=inputs)
     except KeyboardInterrupt:
         typer.echo("xattn: interrupted; finished items are in results.jsonl", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -11,6 +11,7 @@ import typer
 from xattn_cli import __version__
 from xattn_cli.cli import bench as bench_cli
 from xattn_cli.cli import mask as mask_cli
+from xattn_cli.cli import merge as merge_cli
 from xattn_cli.cli import models as models_cli
 from xattn_cli.cli import relevancy as relevancy_cli
 from xattn_cli.cli import report as report_cli
@@ -46,6 +47,7 @@ app.command("relevancy")(relevancy_cli.relevancy)
 app.command("mask")(mask_cli.mask)
 app.command("models")(models_cli.models)
 app.command("report")(report_cli.report)
+app.command("merge")(merge_cli.merge)
 app.add_typer(world_cli.app, name="world")
 app.add_typer(bench_cli.app, name="bench")
 

@@ -35,6 +35,8 @@ def mask(
     resume: opt.ResumeOpt = False,
     max_pixels: opt.MaxPixelsOpt = 64_000_000,
     workers: opt.WorkersOpt = None,
+    overlays: opt.OverlaysOpt = opt.Overlays.png,
+    shard: opt.ShardOpt = None,
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Token masks: the patches that alone keep the model's decision (after MEAT's Gumbel-softmax masks).
@@ -54,4 +56,5 @@ def mask(
                              settings=MaskSettings(ratio=keep_ratio, steps=steps), seed=seed)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
-                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet, workers=workers)
+                    batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet, workers=workers,
+                    overlays=overlays, shard=shard)

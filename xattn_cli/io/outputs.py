@@ -6,8 +6,9 @@ the output folder or overwrite another image's files.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 RESULTS_FILE_NAME = "results.jsonl"
+RUN_LOCK_NAME = ".xattn-run.lock"
+"""Each open ResultsLog holds a shared flock on this file of its folder, so a run can tell it is not alone."""
 FILE_KEYS = ("overlay", "map")
 """Keys of a target entry that name an artifact file; --resume requires all present ones to exist."""
 
@@ -45,6 +48,17 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
 def atomic_save_png(path: str | Path, image: Image.Image) -> None:
     """Save `image` as a PNG at `path`, atomically."""
     _atomic_write(path, lambda file: image.save(file, format="PNG"))
+
+
+OVERLAY_ENCODINGS = {"png": ("PNG", {"compress_level": 1}), "jpg": ("JPEG", {"quality": 90})}
+"""Overlay file kind → PIL format and options. PNG level 1: a 224 px overlay encodes in about a third of
+the time of the default level 6 for a file about 1.4× larger (measured in issue 18)."""
+
+
+def atomic_save_overlay(path: str | Path, image: Image.Image, kind: str) -> None:
+    """Save an RGB overlay as `kind` ("png" or "jpg", see OVERLAY_ENCODINGS) at `path`, atomically."""
+    image_format, options = OVERLAY_ENCODINGS[kind]
+    _atomic_write(path, lambda file: image.save(file, format=image_format, **options))
 
 
 def _atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
@@ -151,37 +165,81 @@ def to_jsonable(value: Any) -> Any:
 class ResultsLog:
     """The `<out_dir>/results.jsonl` manifest: one JSON record per finished image, durable per line.
 
-    Use as a context manager. Records are appended, flushed and fsynced one by one, so a killed run
-    loses at most the line being written; that truncated line is skipped when the log is read back.
+    Use as a context manager. Records are appended and fsynced one by one under an exclusive `flock`, so
+    several runs can share one `out_dir` and a killed run loses at most the line being written. Such a
+    cut-off line is skipped when the log is read back and truncated away when the log is next opened.
     """
 
     def __init__(self, out_dir: str | Path) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / RESULTS_FILE_NAME
-        self._file = open(self.path, "a", encoding="utf-8", newline="\n")
-        if self._file.tell() > 0 and not self._ends_with_newline():
-            self._file.write("\n")  # seal a killed run's partial line so the next record parses
+        self._run_lock = open(self.out_dir / RUN_LOCK_NAME, "ab")
+        fcntl.flock(self._run_lock.fileno(), fcntl.LOCK_SH)
+        self._file = open(self.path, "ab+", buffering=0)  # unbuffered: each line is written whole, under the lock
+        with self._locked():
+            self._drop_partial_line()
 
-    def _ends_with_newline(self) -> bool:
-        """Whether the existing log ends with a complete line."""
-        with open(self.path, "rb") as file:
-            file.seek(-1, io.SEEK_END)
-            return file.read(1) == b"\n"
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the manifest, so runs sharing `out_dir` never interleave or cut lines."""
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+
+    def _drop_partial_line(self) -> int:
+        """Truncate a last line cut off by a kill or a full disk (here or in another run sharing the folder),
+        so the file holds only whole lines; its size after. Call under the lock."""
+        descriptor = self._file.fileno()
+        size = os.fstat(descriptor).st_size
+        if size == 0 or os.pread(descriptor, 1, size - 1) == b"\n":
+            return size
+        start = size
+        while start > 0:  # look back for the last newline, a block at a time
+            start = max(0, start - 65536)
+            newline = os.pread(descriptor, size - start, start).rfind(b"\n")
+            if newline >= 0:
+                break
+        whole = start + newline + 1  # 0 when there is no newline at all
+        os.ftruncate(descriptor, whole)
+        os.fsync(descriptor)
+        return whole
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record as a JSON line and make it durable before returning."""
-        line = json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False)
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Append one record as a JSON line and make it durable before returning. A write that fails
+        (a full disk) is cut back off, so the manifest never keeps part of a line."""
+        data = (json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        descriptor = self._file.fileno()
+        with self._locked():
+            size = self._drop_partial_line()
+            try:
+                written = 0
+                while written < len(data):  # O_APPEND: each write lands at the end
+                    written += os.write(descriptor, data[written:])
+                os.fsync(descriptor)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, size)
+                raise
 
     def remove_unfinished_writes(self) -> int:
-        """Delete the hidden temporaries that writes cut short by a kill left in `out_dir`; how many."""
-        unfinished = [path for path in self.out_dir.iterdir()
-                      if path.is_file() and _UNFINISHED_WRITE.fullmatch(path.name)]
-        for path in unfinished:
-            path.unlink(missing_ok=True)
+        """Delete the hidden temporaries that writes cut short by a kill left in `out_dir`; how many.
+
+        None while another run has the folder open: its temporaries may be writes still under way."""
+        try:
+            fcntl.flock(self._run_lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when alone
+        except BlockingIOError:
+            fcntl.flock(self._run_lock.fileno(), fcntl.LOCK_SH)  # a failed conversion may have dropped it
+            return 0
+        try:
+            unfinished = [path for path in self.out_dir.iterdir()
+                          if path.is_file() and _UNFINISHED_WRITE.fullmatch(path.name)]
+            for path in unfinished:
+                path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self._run_lock.fileno(), fcntl.LOCK_SH)
         return len(unfinished)
 
     def done_items(self) -> set[str]:
@@ -204,8 +262,9 @@ class ResultsLog:
         return all(artifact_in(self.out_dir, name).is_file() for name in named)
 
     def close(self) -> None:
-        """Close the log file."""
+        """Close the log file (and give up its share of the folder)."""
         self._file.close()
+        self._run_lock.close()
 
     def __enter__(self) -> ResultsLog:
         return self

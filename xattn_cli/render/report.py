@@ -199,7 +199,8 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
                                 if key not in TARGET_KEYS and not isinstance(value, (list, dict)))
             rows.append([_cell(name), source, model, _cell(str(target["target"])),
                          _number(target["score"], f"{target['score']:.4f}"),
-                         thumbnail(overlay if overlay and overlay.is_file() else None, "overlay"),
+                         thumbnail(overlay if overlay and overlay.is_file() else None, "overlay") if overlay
+                         else _cell("<small>no overlay written</small>", raw=True),
                          _cell(_tokens(target.get("tokens") or []), raw=True), _cell(details)])
     images = len({record["image"] for record in records})
     runs = len({(record.get("model"), record.get("method")) for record in records})
