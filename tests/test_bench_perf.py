@@ -47,7 +47,7 @@ def test_surgery_rows_include_both_official_loops(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "shapes-vit", "--method", "surgery"], "has no surgery"),
     (["--method", "gradcam++"], "unknown method"),
-    (["--texts", "99"], "--texts"),
+    (["--texts", "99"], "number of texts must be in 1.."),
     (["--model", "no-such-model"], "unknown model"),
 ])
 def test_usage_errors(args, message):

@@ -494,7 +494,8 @@ def _clip_reference(kind, adapter, images, texts, start_layer=-1, start_layer_te
             image_map, degenerate = _map_literal(R_image[k], grid, (image.height, image.width))
             cls_idx = int(eot[k])
             row = R_text[k][cls_idx, 1:cls_idx]
-            text_scores = (row / row.sum()).flatten()
+            shown = row.clamp(min=0)  # as every model shows its tokens: each ÷ the largest (README, results.py)
+            text_scores = (shown / shown.max()).flatten()
             out[i, k] = (float(cos[k, k].detach()), image_map, degenerate, text_scores.numpy())
     return out
 
