@@ -28,6 +28,7 @@ class Row:
     keys: tuple[str, ...]  # one figure, or several shown as "a / b / c"
     target: float | None = None  # headline: bold, "(target ≥ T)", "not met" below it
     at_most: tuple[str, str] | None = None  # (claim, key): this figure should not exceed that one's
+    bold: bool = False  # a headline without a target
 
     def render(self, figures: dict[str, float]) -> str:
         values = [figures[key] for key in self.keys]
@@ -37,13 +38,14 @@ class Row:
             notes.append(f"target ≥ {self.target:.2f}" + ("" if values[0] >= self.target else ": **not met**"))
         if self.at_most is not None and values[0] > figures[self.at_most[1]]:
             notes.append(f"{self.at_most[0]}: **not met**")
-        if notes:
-            text = f"**{text}** ({'; '.join(notes)})"
+        if notes or self.bold:
+            text = f"**{text}**" + (f" ({'; '.join(notes)})" if notes else "")
         return f"| {self.label} | {text} |"
 
 
-def row(label: str, *keys: str, target: float | None = None, at_most: tuple[str, str] | None = None) -> Row:
-    return Row(label, keys, target, at_most)
+def row(label: str, *keys: str, target: float | None = None, at_most: tuple[str, str] | None = None,
+        bold: bool = False) -> Row:
+    return Row(label, keys, target, at_most, bold)
 
 
 def figure_table(rows: list[Row]) -> Callable[[dict], str]:
@@ -72,6 +74,14 @@ def _vqa_rows(model: str, chefer: str, raw: str, gradcam: str) -> list[Row]:
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
+    "assets/weights/shapes-vit.md": {"figures": ("shapes_vit.json", figure_table([
+        row("per-shape accuracy (six binary decisions)", "per_shape_accuracy", target=0.90),
+        row("exact-set accuracy (all six right)", "exact_set_accuracy"),
+        row("pointing game, Chefer relevancy (all layers)", "pointing_chefer", bold=True),
+        row("pointing game, rollout", "pointing_rollout"),
+        row("pointing game, raw attention (last layer)", "pointing_raw"),
+        row("pointing game, attention Grad-CAM (last layer)", "pointing_attn-gradcam"),
+    ]))},
     "assets/weights/shapes-clip.md": {"figures": ("shapes_clip.json", figure_table([
         row("zero-shot top-1 over the 36 colour×shape captions, 600 held-out single-object scenes (plain "
             "captions)", "zero_shot_plain", target=0.90),
