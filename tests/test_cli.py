@@ -154,7 +154,7 @@ def test_usage_errors_exit_2_with_one_line(scenes, tmp_path, args, message):
 
 def test_empty_text_is_a_usage_error(scenes, tmp_path):
     result = runner.invoke(app, ["surgery", str(scenes[0]), "--text", "", "-o", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "no empty text" in result.stderr
+    assert result.exit_code == 2 and "--text must not be empty" in result.stderr
 
 
 def test_models_lists_the_registry():

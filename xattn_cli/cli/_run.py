@@ -19,6 +19,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     return typer.Exit(code)
 
 
+def require_not_empty(**options: list[str] | None) -> None:
+    """Exit 2 with one line for an option given an empty string (`--text ""`), before any model loads."""
+    for name, values in options.items():
+        if values and any(not value.strip() for value in values):
+            raise fail(f"--{name} must not be empty")
+
+
 def resolve_format(requested: OutputFormat | None) -> OutputFormat:
     if requested is not None:
         return requested

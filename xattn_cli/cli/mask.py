@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.cli._run import run_map_command
+from xattn_cli.cli._run import require_not_empty, run_map_command
 
 
 def mask(
@@ -41,6 +41,7 @@ def mask(
 ) -> None:
     """Token masks: the patches that alone keep the model's decision (after MEAT's Gumbel-softmax masks).
     --save-maps writes each mask as a 0/1 .npy at the image's size."""
+    require_not_empty(text=text)
 
     def build(device_name: str):
         from xattn_cli.explainers.mask import MaskExplainer

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.cli._run import run_map_command
+from xattn_cli.cli._run import require_not_empty, run_map_command
 from xattn_cli.methods import METHODS, RESIDUAL_RULES, method_names
 
 
@@ -57,6 +57,7 @@ def relevancy(
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Relevancy maps: which image regions (and text tokens) drive the model's output."""
+    require_not_empty(text=text, question=question)
 
     def build(device_name: str):
         from xattn_cli.explainers import build_relevancy, check_options

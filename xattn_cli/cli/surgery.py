@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.cli._run import run_map_command
+from xattn_cli.cli._run import require_not_empty, run_map_command
 from xattn_cli.errors import UsageError
 
 
@@ -56,6 +56,7 @@ def surgery(
     quiet: opt.QuietOpt = False,
 ) -> None:
     """CLIP Surgery: where in each image is each text? Writes overlays and prints scores."""
+    require_not_empty(text=text)
 
     def build(device_name: str):
         from xattn_cli.explainers.surgery import SurgeryExplainer
