@@ -19,6 +19,18 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     return typer.Exit(code)
 
 
+def load_adapter(model: str, pretrained: str | None, device: str, trust_checkpoint: bool, labels: Path | None = None):
+    """The model a map command explains, with `--labels` applied when given."""
+    from xattn_cli.models.registry import load_model
+
+    adapter = load_model(model, pretrained, device, trust_checkpoint=trust_checkpoint)
+    if labels is not None:
+        from xattn_cli.models.labels import apply_labels
+
+        apply_labels(adapter, labels)
+    return adapter
+
+
 def require_not_empty(**options: list[str] | None) -> None:
     """Exit 2 with one line for an option given an empty string (`--text ""`), before any model loads."""
     for name, values in options.items():

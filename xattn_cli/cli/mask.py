@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.cli._run import require_not_empty, run_map_command
+from xattn_cli.cli._run import load_adapter, require_not_empty, run_map_command
 
 
 def mask(
@@ -46,13 +46,8 @@ def mask(
     def build(device_name: str):
         from xattn_cli.explainers.mask import MaskExplainer
         from xattn_cli.methods.token_mask import MaskSettings
-        from xattn_cli.models.registry import load_model
 
-        adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
-        if labels is not None:
-            from xattn_cli.models.labels import apply_labels
-
-            apply_labels(adapter, labels)
+        adapter = load_adapter(model, pretrained, device_name, trust_checkpoint, labels)
         return MaskExplainer(adapter, targets=target or [], texts=text or [],
                              settings=MaskSettings(ratio=keep_ratio, steps=steps), seed=seed)
 

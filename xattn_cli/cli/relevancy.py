@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.cli._run import require_not_empty, run_map_command
+from xattn_cli.cli._run import load_adapter, require_not_empty, run_map_command
 from xattn_cli.methods import METHODS, RESIDUAL_RULES, method_names
 
 
@@ -61,13 +61,8 @@ def relevancy(
 
     def build(device_name: str):
         from xattn_cli.explainers import build_relevancy, check_options
-        from xattn_cli.models.registry import load_model
 
-        adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
-        if labels is not None:
-            from xattn_cli.models.labels import apply_labels
-
-            apply_labels(adapter, labels)
+        adapter = load_adapter(model, pretrained, device_name, trust_checkpoint, labels)
         given = {"text": bool(text), "target": bool(target), "start_layer": start_layer is not None,
                  "precision": precision.value != "fp32", "question": bool(question), "answer": answer is not None,
                  "features": features is not None, "threshold": threshold is not None, "residual": residual is not None}

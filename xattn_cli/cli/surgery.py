@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.cli._run import require_not_empty, run_map_command
+from xattn_cli.cli._run import load_adapter, require_not_empty, run_map_command
 from xattn_cli.errors import UsageError
 
 
@@ -60,9 +60,8 @@ def surgery(
 
     def build(device_name: str):
         from xattn_cli.explainers.surgery import SurgeryExplainer
-        from xattn_cli.models.registry import load_model
 
-        adapter = load_model(model, pretrained, device_name, trust_checkpoint=trust_checkpoint)
+        adapter = load_adapter(model, pretrained, device_name, trust_checkpoint)
         return SurgeryExplainer(adapter, text, ensemble=ensemble, size=parse_size(size), blocks=blocks,
                                 points=points, precision=precision.value, text_cache=text_cache)
 
