@@ -97,6 +97,8 @@ def test_a_question_without_question_mark_keeps_its_last_word(folders, images, t
     assert result.exit_code == 0, result.output
     (target,) = json.loads(result.stdout)["targets"]
     assert [t["token"] for t in target["tokens"]] == ["what", "colour", "is", "the", "star"]
+    pooled = [t["token"] for t in target["tokens"] if t.get("pooled")]  # VisualBERT's row is its last word's
+    assert pooled == (["star"] if family == "visualbert" else [])
 
 
 def test_answer_option_explains_that_answer(folders, images, tmp_path):

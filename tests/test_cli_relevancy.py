@@ -107,3 +107,16 @@ def test_precision_reaches_the_record_and_fp16_needs_cuda(image, tmp_path):
     assert json.loads(result.stdout)["meta"]["precision"] == "bf16"
     result = invoke(image, tmp_path, "--precision", "fp16", "--device", "cpu")
     assert result.exit_code == 2 and "fp16 needs CUDA" in result.output
+
+
+def test_two_methods_share_one_out_folder(image, tmp_path):
+    """A second method into the same folder is not 'done' under --resume and does not overwrite the first
+    method's files: artifact names carry the model and method, --resume is per model and method."""
+    chefer = invoke(image, tmp_path, "--target", "star")
+    rollout = invoke(image, tmp_path, "--target", "star", "--method", "rollout", "--resume")
+    assert chefer.exit_code == 0 and rollout.exit_code == 0, rollout.output
+    (first,), (second,) = json.loads(chefer.stdout)["targets"], json.loads(rollout.stdout)["targets"]
+    assert first["map"] != second["map"] and first["overlay"] != second["overlay"]
+    assert not np.array_equal(np.load(first["map"]), np.load(second["map"]))
+    again = invoke(image, tmp_path, "--target", "star", "--resume")  # chefer again: done, nothing rerun
+    assert again.exit_code == 0 and again.stdout == "" and "skipped 1" in again.stderr

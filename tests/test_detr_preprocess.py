@@ -65,3 +65,37 @@ def test_detections_of_a_padded_batch_have_maps_and_boxes_of_each_image(adapter)
             assert target.map.shape == (image.height, image.width) and np.isfinite(target.map).all()
             x0, y0, x1, y1 = target.extra["box"]
             assert -image.width <= x0 <= x1 <= 2 * image.width and -image.height <= y0 <= y1 <= 2 * image.height
+
+
+def test_a_batch_gives_what_single_runs_give(adapter) -> None:
+    """Images of different resized sizes are explained apart (padding would change their border features),
+    so an image's scores and maps do not depend on its batch neighbours."""
+    from xattn_cli.explainers.detection import DetectionRelevancy
+
+    images = [*_images(), _images()[0].transpose(Image.FLIP_LEFT_RIGHT)]  # the last resizes like the first
+    explainer = DetectionRelevancy(adapter, threshold=0.0)
+    batched = explainer.explain(images)
+    for image, targets in zip(images, batched):
+        (alone,) = explainer.explain([image])
+        assert [t.target for t in targets] == [t.target for t in alone]
+        for together, single in zip(targets, alone):
+            assert together.score == pytest.approx(single.score, abs=1e-5)
+            np.testing.assert_allclose(together.map, single.map, atol=1e-4)
+
+
+@pytest.mark.parametrize("processor, edges", [
+    ({"size": 800, "max_size": 1333}, (800, 1333)),  # older processor files: an int and a top-level max_size
+    ({"size": {"shortest_edge": 600, "longest_edge": 1000}}, (600, 1000)),
+    ({"size": {"height": 64, "width": 64}}, None),  # a fixed size squashes, as transformers does
+])
+def test_processor_size_formats(tmp_path, processor, edges) -> None:
+    import json
+    import shutil
+
+    from xattn_cli.config import data_path
+    from xattn_cli.models.registry import load_model
+
+    folder = tmp_path / "detr"
+    shutil.copytree(data_path("assets/models/shapes-detr"), folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert load_model(f"hf:{folder}").edges == edges

@@ -150,3 +150,19 @@ def test_an_uncached_hugging_face_tokenizer_is_one_line_before_any_model_is_buil
     with pytest.raises(UsageError, match="cannot load the tokenizer of open_clip ViT-B-16-SigLIP") as caught:
         load_model("openclip:ViT-B-16-SigLIP")
     assert "\n" not in str(caught.value) and built == []
+
+
+@pytest.mark.parametrize("vision, text, refused", [
+    ({"pool_type": "avg"}, {}, "pool by 'avg'"),  # CLIPA-style towers: the embedding is the patch mean
+    ({}, {"pool_type": "last"}, "pool by 'last'"),
+])
+def test_towers_that_do_not_read_the_class_or_end_token_are_refused(vision, text, refused):
+    from open_clip.model import CLIP
+
+    from xattn_cli.errors import UsageError
+    from xattn_cli.models.openclip import OpenClipAdapter
+
+    model = CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16, **vision),
+                 text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1, **text))
+    with pytest.raises(UsageError, match=refused):
+        OpenClipAdapter(model, name="tiny")

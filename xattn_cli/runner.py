@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from PIL import Image
 
 from xattn_cli.explainers.base import Explainer
-from xattn_cli.errors import ItemError
+from xattn_cli.errors import ItemError, UsageError
 from xattn_cli.io.images import DEFAULT_MAX_PIXELS
 from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_overlay
 from xattn_cli.io.stream import decoded_images, default_workers
@@ -70,6 +70,8 @@ def explained(explainer: Explainer, items: Iterable[tuple[str, Image.Image | Non
 def _explain_batch(explainer: Explainer, batch: list[tuple[str, Image.Image, float]]) -> Iterator[Outcome]:
     try:
         targets = explainer.explain([image for _, image, _ in batch], [path for path, _, _ in batch])
+    except UsageError:
+        raise  # the run's options are wrong for every item: a usage error, not N item errors
     except Exception as error:
         if len(batch) > 1:  # find the item that fails; the others still get their results
             for item in batch:
@@ -100,6 +102,7 @@ class BatchRunner:
         self.explainer, self.out_dir, self.save_maps, self.overlays = explainer, Path(out_dir), save_maps, overlays
         self.batch_size, self.max_pixels, self.workers = max(1, batch_size), max_pixels, workers
         self.meta = run_meta(explainer, device)
+        self.made_by = f"{explainer.model_name}-{explainer.method}"  # in artifact names: runs can share a folder
 
     def run(self, paths: Sequence[str], resume: bool = False,
             on_record: Callable[[dict[str, Any]], None] = lambda record: None,
@@ -111,7 +114,7 @@ class BatchRunner:
         with ResultsLog(self.out_dir) as log:
             if resume:
                 log.remove_unfinished_writes()  # a killed run's half-written files, never trusted, now gone
-            done = log.done_items() if resume else set()
+            done = log.done_items(self.explainer.model_name, self.explainer.method) if resume else set()
             todo = [path for path in paths if path not in done]
             summary.skipped = len(paths) - len(todo)
             with contextlib.closing(self._records(todo, namer)) as records:  # decoding workers stop with the run
@@ -143,7 +146,7 @@ class BatchRunner:
             entry = target.to_json()
             entry["overlay"] = None
             if self.overlays != "none":
-                overlay_path = namer.artifact_path(self.out_dir, path, target.target, self.overlays)
+                overlay_path = namer.artifact_path(self.out_dir, path, target.target, self.overlays, self.made_by)
                 if self.explainer.spec.explainer == "mask":  # a binary mask: the kept patches outlined
                     overlay = overlay_kept(image, target.map)
                 else:
@@ -153,7 +156,7 @@ class BatchRunner:
                 entry["overlay"] = str(overlay_path)
             entry["map"] = None
             if self.save_maps:
-                map_path = namer.artifact_path(self.out_dir, path, target.target, "npy")
+                map_path = namer.artifact_path(self.out_dir, path, target.target, "npy", self.made_by)
                 atomic_save_npy(map_path, target.map)
                 entry["map"] = str(map_path)
             entries.append(entry)

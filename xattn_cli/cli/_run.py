@@ -47,8 +47,9 @@ def resolve_format(requested: OutputFormat | None) -> OutputFormat:
 def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *, out: Path, save_maps: bool,
                     output_format: OutputFormat | None, device: str, batch_size: int, resume: bool,
                     max_pixels: int, quiet: bool, workers: int | None = None, overlays: Overlays = Overlays.png,
-                    shard: str | None = None) -> None:
-    """Expand inputs, keep this shard's, build the explainer (usage errors → exit 2), run, print, exit 0/1/130."""
+                    shard: str | None = None, made_by: tuple[str, str] | None = None) -> None:
+    """Expand inputs, keep this shard's, build the explainer (usage errors → exit 2), run, print, exit 0/1/130.
+    `made_by` (model name as given, method) lets `--resume` skip loading the model when it has nothing to do."""
     from xattn_cli.errors import UsageError
     from xattn_cli.io.inputs import expand_inputs
     from xattn_cli.io.shards import in_shard, parse_shard
@@ -67,7 +68,7 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
             typer.echo("[]")
         typer.echo(f"xattn: shard {shard} holds none of the {len(inputs)} input(s)", err=True)
         return
-    if resume and _all_finished(paths, out):  # nothing to explain: no model is loaded
+    if resume and made_by is not None and _all_finished(paths, out, *made_by):  # nothing to do: no model loads
         if output_format is OutputFormat.json:
             typer.echo("[]")
         typer.echo(f"xattn: skipped {len(paths)} finished image(s) (--resume)", err=True)
@@ -103,6 +104,8 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except OSError as error:
         raise fail(f"cannot write to {out}: {error.strerror or error}", EXIT_ITEMS_FAILED) from None
+    except UsageError as error:
+        raise fail(str(error)) from None
     if output_format is OutputFormat.json:
         typer.echo(json.dumps(collected, ensure_ascii=False, indent=2))
     elif output_format is OutputFormat.table:
@@ -118,15 +121,16 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         raise typer.Exit(EXIT_ITEMS_FAILED)
 
 
-def _all_finished(paths: list[str], out: Path) -> bool:
-    """Whether --resume would skip every image (a killed run's unfinished writes are removed, as a run would)."""
+def _all_finished(paths: list[str], out: Path, model: str, method: str) -> bool:
+    """Whether --resume would skip every image of this model and method (a killed run's unfinished writes are
+    removed, as a run would). A model named otherwise than its records (an alias) is loaded and checked."""
     from xattn_cli.io.outputs import RESULTS_FILE_NAME, ResultsLog
 
     if not (out / RESULTS_FILE_NAME).is_file():
         return False
     with ResultsLog(out) as log:
         log.remove_unfinished_writes()
-        return set(paths) <= log.done_items()
+        return set(paths) <= log.done_items(model, method)
 
 
 class _progress:

@@ -53,4 +53,4 @@ def mask(
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet, workers=workers,
-                    overlays=overlays, shard=shard)
+                    overlays=overlays, shard=shard, made_by=(model, "mask"))

@@ -74,4 +74,4 @@ def relevancy(
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,
-                    workers=workers, overlays=overlays, shard=shard)
+                    workers=workers, overlays=overlays, shard=shard, made_by=(model, Method(method).value))

@@ -50,6 +50,16 @@ class DetectionRelevancy(Explainer):
         return found
 
     def explain(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> list[list[TargetMap]]:
+        """Images that resize to different sizes run as separate batches: a batch is padded to its largest
+        image, and padding changes the backbone's features near the border, so an image's maps would
+        otherwise depend on its batch neighbours."""
+        results: list[list[TargetMap]] = [[] for _ in images]
+        for indices in self.adapter.same_size_groups(images):
+            for i, targets in zip(indices, self._explain_same_size([images[i] for i in indices])):
+                results[i] = targets
+        return results
+
+    def _explain_same_size(self, images: Sequence[Image.Image]) -> list[list[TargetMap]]:
         adapter = self.adapter
         pixels = adapter.preprocess(images, adapter.native_size)
         results: list[list[TargetMap]] = [[] for _ in images]

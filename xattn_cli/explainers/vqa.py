@@ -100,6 +100,8 @@ class VqaRelevancy(Explainer):
         adapter = self.adapter
         words = adapter.question_words(batch, i)
         tokens = token_relevances(adapter.token_words(batch, i)[words], text_row[words].tolist())
+        if adapter.layout.rule == "joint":  # the row is the pooled token's own: it does not rate itself
+            tokens[int(adapter.pooled_index(batch)[i]) - words.start]["pooled"] = True
         real = regions.mask[i] > 0
         where = {"grid": regions.grid} if regions.grid is not None else {"boxes": regions.boxes[i][real]}
         heat, degenerate = self.image_map(region_row[real], image, **where)

@@ -122,13 +122,17 @@ class OutputNamer:
             raise KeyError(f"{image_path} is not one of this run's images")
         return self._stems[key]
 
-    def artifact_path(self, out_dir: str | Path, image_path: str | Path, target: str, ext: str) -> Path:
-        """`<out_dir>/<stem>__<target-slug>.<ext>`, guaranteed to lie directly inside `out_dir`."""
+    def artifact_path(self, out_dir: str | Path, image_path: str | Path, target: str, ext: str,
+                      run: str = "") -> Path:
+        """`<out_dir>/<stem>__<run-slug>__<target-slug>.<ext>` (without `run`: `<stem>__<target-slug>.<ext>`),
+        guaranteed to lie directly inside `out_dir`. `run` names what made the file (model and method), so
+        runs of several models or methods can share a folder without overwriting each other's files."""
         if not _EXTENSION.fullmatch(ext):
             raise ValueError(f"invalid artifact extension {ext!r}")
         stem = self.stem(image_path)
         out_dir = Path(out_dir)
-        path = out_dir / f"{stem}__{self._target_slug(stem, target)}.{ext}"
+        made_by = f"{slugify(run, 40)}__" if run else ""
+        path = out_dir / f"{stem}__{made_by}{self._target_slug(stem, target)}.{ext}"
         if path.resolve().parent != out_dir.resolve():
             raise ValueError(f"artifact name {path.name!r} escapes the output folder {out_dir}")
         return path
@@ -242,14 +246,17 @@ class ResultsLog:
             fcntl.flock(self._run_lock.fileno(), fcntl.LOCK_SH)
         return len(unfinished)
 
-    def done_items(self) -> set[str]:
-        """Images whose latest record is "ok" and whose overlay/map files all still exist (for --resume).
+    def done_items(self, model: str | None = None, method: str | None = None) -> set[str]:
+        """Images whose latest record (of `model` and `method`, when given) is "ok" and whose overlay/map
+        files all still exist (for --resume): another model's or method's results never count as done.
 
         Artifact files are looked up by name inside `out_dir`, where they always live, so the answer
         does not depend on the working directory the earlier run used.
         """
-        latest = latest_records(self.path)
-        return {image for image, record in latest.items() if self._is_complete(record)}
+        latest = {(r["image"], r.get("model"), r.get("method")): r for r in read_records(self.path)}
+        return {image for (image, made_by, how), record in latest.items()
+                if (model is None or made_by == model) and (method is None or how == method)
+                and self._is_complete(record)}
 
     def _is_complete(self, record: dict[str, Any]) -> bool:
         """Whether a record is "ok" and every artifact it names exists."""

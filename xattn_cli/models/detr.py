@@ -65,6 +65,15 @@ class DetrAdapter(Adapter):
         names = {int(k): v for k, v in config.id2label.items()}
         self.labels = [names.get(k, f"class {k}") for k in range(config.num_labels)]
 
+    def same_size_groups(self, images: Sequence[Image.Image]) -> list[list[int]]:
+        """Indices of the images that resize to the same size, in order: a batch of one group needs no padding."""
+        if self.edges is None:
+            return [list(range(len(images)))]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(resized_size(image.height, image.width, *self.edges), []).append(index)
+        return list(groups.values())
+
     def preprocess(self, images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor | DetrInputs:
         """Squashed pixels (B, 3, H, W) when the adapter has no `edges`; else `DetrInputs` as transformers'
         `DetrImageProcessor` builds them (bilinear resize, padding, mask)."""
@@ -120,8 +129,8 @@ class DetrAdapter(Adapter):
 def feature_grid(pixel_size: tuple[int, int], tokens: int) -> tuple[int, int]:
     """The (h, w) backbone feature map behind `tokens` image tokens of an input of `pixel_size` (H, W)."""
     height, width = pixel_size
-    stride = round(math.sqrt(height * width / tokens))
-    for step in (stride, stride // 2, stride * 2):
+    stride = round(math.sqrt(height * width / tokens))  # rounding up the sides makes this a guess: try powers of 2
+    for step in (stride, stride // 2, stride * 2, *(2 ** k for k in range(1, 7))):
         grid = (math.ceil(height / step), math.ceil(width / step))
         if step and grid[0] * grid[1] == tokens:
             return grid

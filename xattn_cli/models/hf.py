@@ -158,7 +158,10 @@ def _load_detr(location: str):
         model = transformers.DetrForObjectDetection.from_pretrained(location)
     except Exception as error:
         raise UsageError(f"cannot load DETR from {location!r}: {type(error).__name__}: {error}".splitlines()[0]) from None
-    size = image_processor_config(location).get("size", {})
+    processor = image_processor_config(location)
+    size = processor.get("size", {})
+    if isinstance(size, int):  # older processor files: "size": 800, "max_size": 1333, as transformers reads them
+        size = {"shortest_edge": size, "longest_edge": processor.get("max_size", 1333)}
     side = size.get("shortest_edge", 800)
     edges = None if "height" in size else (side, size.get("longest_edge", 1333))  # fixed size: squashed, as HF does
     adapter = DetrAdapter(model.float(), name=f"hf:{location}", edges=edges,

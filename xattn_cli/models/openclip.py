@@ -64,6 +64,12 @@ class OpenClipAdapter(ClipAdapter):
                              f"(supported: ViT, ModifiedResNet, {openclip_timm.SUPPORTED})")
         if isinstance(visual, VisionTransformer) and getattr(visual, "attn_pool", None) is not None:
             raise UsageError(f"{name}: open_clip ViT towers with attentional pooling are not supported")
+        if isinstance(visual, VisionTransformer) and getattr(visual, "pool_type", "tok") != "tok":
+            raise UsageError(f"{name}: open_clip ViT towers that pool by {visual.pool_type!r} (not the class token) "
+                             "are not supported: maps and scores read the class token")
+        if getattr(model, "text_pool_type", "argmax") != "argmax":
+            raise UsageError(f"{name}: open_clip text towers that pool by {model.text_pool_type!r} (not the end-of-text "
+                             "token) are not supported")
         size = visual.image_size
         self.native_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if self.is_resnet:

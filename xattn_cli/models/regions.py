@@ -141,14 +141,14 @@ class NpzRegions:
         if features.ndim != 3 or boxes.shape != features.shape[:2] + (4,) or len(names) != len(features):
             raise UsageError(f"{path}: expected names (K,), features (K, R, D), boxes (K, R, 4)")
         self.index = {name: k for k, name in enumerate(names)}
-        self.features, self.boxes, self.counts = features, boxes, counts
+        self.features, self.boxes, self.counts, self.path = features, boxes, counts, Path(path)
 
     def __call__(self, images: Sequence[Image.Image], names: Sequence[str]) -> Regions:
         rows = []
         for image, name in zip(images, names):
             stem = Path(name).stem
             if stem not in self.index:
-                raise ItemError("MissingFeatures", f"no region features for {stem!r} in the --features file")
+                raise ItemError("MissingFeatures", f"no region features for {stem!r} in {self.path.name}")
             rows.append(self.index[stem])
         scale = np.array([[image.width, image.height] * 2 for image in images], dtype=np.float32)[:, None, :]
         regions = self.features.shape[1]
