@@ -58,3 +58,20 @@ def save_tiny_hf_clip(folder: Path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+def assert_batch_equals_single_runs(explainer, images, atol: float = 1e-5) -> None:
+    """Each image's targets, scores, maps (and token/region relevances) from one batch equal its own run's."""
+    import numpy as np
+    import pytest
+
+    for image, together in zip(images, explainer.explain(images)):
+        (alone,) = explainer.explain([image])
+        assert [t.target for t in together] == [t.target for t in alone]
+        for a, b in zip(together, alone):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+            np.testing.assert_allclose(a.map, b.map, atol=atol, rtol=0)
+            for key in ("tokens", "regions"):
+                if key in a.extra:
+                    np.testing.assert_allclose([t["relevance"] for t in a.extra[key]],
+                                               [t["relevance"] for t in b.extra[key]], atol=1e-5)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers import assert_batch_equals_single_runs
 from test_relevancy_reference import _perturb
 
 WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] what colour is the star circle square red blue green ? shape there a".split()
@@ -611,18 +612,7 @@ def test_batch_of_three_equals_three_single_runs(tokenizer, family):
     adapter = _adapter(family, tokenizer)
     explainer = (DetectionRelevancy(adapter, threshold=0.25) if family == "detr"
                  else VqaRelevancy(adapter, QUESTIONS))  # three questions of different lengths
-    images = _images()
-    batched = explainer.explain(images)
-    for image, together in zip(images, batched):
-        (alone,) = explainer.explain([image])
-        assert [t.target for t in together] == [t.target for t in alone]
-        for a, b in zip(together, alone):
-            assert a.score == pytest.approx(b.score, abs=1e-5)
-            np.testing.assert_allclose(a.map, b.map, atol=1e-5, rtol=0)
-            for key in ("tokens", "regions"):
-                if key in a.extra:
-                    np.testing.assert_allclose([t["relevance"] for t in a.extra[key]],
-                                               [t["relevance"] for t in b.extra[key]], atol=1e-5)
+    assert_batch_equals_single_runs(explainer, _images())
 
 
 # ------------------------------------------------------------------------------------------------

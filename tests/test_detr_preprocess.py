@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import assert_batch_equals_single_runs
 from test_coattention_reference import _detr_model
 
 EDGES = (48, 80)  # shortest, longest
@@ -73,14 +74,7 @@ def test_a_batch_gives_what_single_runs_give(adapter) -> None:
     from xattn_cli.explainers.detection import DetectionRelevancy
 
     images = [*_images(), _images()[0].transpose(Image.FLIP_LEFT_RIGHT)]  # the last resizes like the first
-    explainer = DetectionRelevancy(adapter, threshold=0.0)
-    batched = explainer.explain(images)
-    for image, targets in zip(images, batched):
-        (alone,) = explainer.explain([image])
-        assert [t.target for t in targets] == [t.target for t in alone]
-        for together, single in zip(targets, alone):
-            assert together.score == pytest.approx(single.score, abs=1e-5)
-            np.testing.assert_allclose(together.map, single.map, atol=1e-4)
+    assert_batch_equals_single_runs(DetectionRelevancy(adapter, threshold=0.0), images, atol=1e-4)
 
 
 @pytest.mark.parametrize("processor, edges", [
