@@ -89,6 +89,20 @@ def test_only_models_know_families():
     assert not found, "\n".join(found)
 
 
+def test_the_family_rule_catches_a_family_branch(tmp_path, monkeypatch):
+    """The family check can fail: an explainer comparing a family name, or looking one up, is reported."""
+    fake = tmp_path / "xattn_cli"
+    (fake / "explainers").mkdir(parents=True)
+    (fake / "explainers" / "bad.py").write_text("if adapter.family == 'vit':\n    pass\nrule = RULES[adapter.family]\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    try:
+        test_only_models_know_families()
+    except AssertionError as error:
+        assert "bad.py:1" in str(error) and "bad.py:3" in str(error)
+    else:
+        raise AssertionError("the family branch was not reported")
+
+
 def test_the_rules_catch_a_forbidden_import(tmp_path, monkeypatch):
     """The checks above can fail: a methods module importing models is reported."""
     fake = tmp_path / "xattn_cli"

@@ -117,13 +117,14 @@ class OpenClipAdapter(ClipAdapter):
         from xattn_cli.errors import UsageError
 
         if self.is_resnet:
-            raise UsageError("relevancy needs a transformer vision tower; this open_clip model is a ResNet")
+            raise UsageError(f"relevancy and token masks need a transformer vision tower; {self.name} is a ResNet "
+                             "(use xattn surgery)")
         text = getattr(self.model, "text", self.model).transformer.resblocks  # CustomTextCLIP keeps it in .text
         text_sites = [AttentionSite(block, "self", "text", i, "mha") for i, block in enumerate(text)]
         if self.is_timm:
             trunk = self.model.visual.trunk
             if not openclip_timm.has_cls_readout(trunk):
-                raise UsageError(f"relevancy reads the CLS token's row; {self.name} pools its image tokens "
+                raise UsageError(f"relevancy and token masks read the CLS token; {self.name} pools its image tokens "
                                  f"(global_pool {trunk.global_pool!r}) instead; use xattn surgery")
             return [AttentionSite(block.attn, "self", "vision", i, "timm")
                     for i, block in enumerate(trunk.blocks)] + text_sites
