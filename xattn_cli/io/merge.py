@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xattn_cli.errors import UsageError
-from xattn_cli.io.outputs import FILE_KEYS, RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, read_records
-
-RunKey = tuple[str, Any, Any]
-"""(image, model, method): one record of each survives the merge."""
+from xattn_cli.io.outputs import FILE_KEYS, RESULTS_FILE_NAME, RunKey, artifact_in, atomic_write_bytes, latest_records
 
 
 @dataclass
@@ -47,8 +44,7 @@ def merge_outputs(folders: Sequence[str | Path], out: str | Path) -> MergeSummar
     for folder in folders:
         if not (folder / RESULTS_FILE_NAME).is_file():
             raise UsageError(f"{folder}: no {RESULTS_FILE_NAME} (not an --out folder of xattn surgery/relevancy)")
-        latest = {(r["image"], r.get("model"), r.get("method")): r for r in read_records(folder / RESULTS_FILE_NAME)}
-        for key, record in latest.items():
+        for key, record in latest_records(folder / RESULTS_FILE_NAME).items():
             _choose(chosen, key, record, folder)
     links = _artifacts(chosen.values(), out)
     out.mkdir(parents=True, exist_ok=True)

@@ -253,8 +253,7 @@ class ResultsLog:
         Artifact files are looked up by name inside `out_dir`, where they always live, so the answer
         does not depend on the working directory the earlier run used.
         """
-        latest = {(r["image"], r.get("model"), r.get("method")): r for r in read_records(self.path)}
-        return {image for (image, made_by, how), record in latest.items()
+        return {image for (image, made_by, how), record in latest_records(self.path).items()
                 if (model is None or made_by == model) and (method is None or how == method)
                 and self._is_complete(record)}
 
@@ -282,9 +281,14 @@ class ResultsLog:
         self.close()
 
 
-def latest_records(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The last record of each image in a results.jsonl file, in first-seen order (truncated lines skipped)."""
-    return {record["image"]: record for record in read_records(path)}
+RunKey = tuple[str, Any, Any]
+"""(image, model, method): what a record is of. Runs of several models or methods can share one folder."""
+
+
+def latest_records(path: str | Path) -> dict[RunKey, dict[str, Any]]:
+    """The last record of each (image, model, method) in a results.jsonl file, in first-seen order: a resumed
+    or retried image keeps its latest record (truncated lines skipped)."""
+    return {(record["image"], record.get("model"), record.get("method")): record for record in read_records(path)}
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:

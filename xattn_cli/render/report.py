@@ -23,7 +23,7 @@ from PIL import Image
 from xattn_cli.errors import ItemError, UsageError
 from xattn_cli.render import METRIC_LABELS
 from xattn_cli.io.images import load_image
-from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, read_records
+from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, latest_records
 
 THUMBNAIL = 192  # longest side of an embedded image, in pixels
 TARGET_KEYS = {"target", "score", "overlay", "map", "tokens", "degenerate", "peak"}  # shown in their own columns
@@ -151,8 +151,7 @@ def _bench_section(path: Path, run: dict) -> str:
 def latest_per_run(results: Path) -> list[dict[str, Any]]:
     """The last record of each (image, model, method), in first-seen order: a resumed or retried image keeps
     its latest record, and runs of other models or methods into the same folder keep theirs."""
-    latest = {(record["image"], record.get("model"), record.get("method")): record for record in read_records(results)}
-    return list(latest.values())
+    return list(latest_records(results).values())
 
 
 def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
