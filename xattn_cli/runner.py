@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
-from xattn_cli.explainers.base import Explainer
 from xattn_cli.errors import ItemError, UsageError
+from xattn_cli.explainers.base import Explainer
 from xattn_cli.io.images import DEFAULT_MAX_PIXELS
-from xattn_cli.io.outputs import OutputNamer, ResultsLog, atomic_save_npy, atomic_save_overlay
+from xattn_cli.io.outputs import (
+    OutputNamer,
+    ResultsLog,
+    atomic_save_npy,
+    atomic_save_overlay,
+)
 from xattn_cli.io.stream import decoded_images, default_workers
 from xattn_cli.render.overlay import Box, overlay_heatmap, overlay_kept
 from xattn_cli.results import TargetMap
+
+DEFAULT_WRITERS = 2
+"""Writer threads: enough to keep encoding off the model's critical path on 2 cores (see benchmarks/perf.md)."""
 
 
 @dataclass
@@ -94,13 +104,19 @@ def detection_boxes(target: TargetMap) -> list[Box]:
 class BatchRunner:
     """Drives an explainer over image paths, writing overlays, maps and the manifest in `out_dir`.
 
+    The model runs on the calling thread; blending, encoding and writing each image's files run on a
+    bounded pool of `writers` threads (PIL and zlib release the GIL), at most two batches behind the model.
+    Records are appended in input order, a batch at a time with one fsync, each only after its files are
+    durable: a kill loses at most the images in flight, which `--resume` redoes.
+
     `overlays`: "png", "jpg" or "none" (records then name no overlay: maps and scores only)."""
 
     def __init__(self, explainer: Explainer, out_dir: str | Path, *, device: str, save_maps: bool = False,
                  batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                 overlays: str = "png"):
+                 overlays: str = "png", writers: int = DEFAULT_WRITERS):
         self.explainer, self.out_dir, self.save_maps, self.overlays = explainer, Path(out_dir), save_maps, overlays
         self.batch_size, self.max_pixels, self.workers = max(1, batch_size), max_pixels, workers
+        self.writers = max(1, writers)
         self.meta = run_meta(explainer, device)
         self.made_by = f"{explainer.model_name}-{explainer.method}"  # in artifact names: runs can share a folder
 
@@ -111,34 +127,46 @@ class BatchRunner:
         passes every input, so its files are named as a single run over all of them would name them."""
         summary = RunSummary()
         namer = OutputNamer(paths if named_among is None else named_among)
-        with ResultsLog(self.out_dir) as log:
+        with ResultsLog(self.out_dir) as log, ThreadPoolExecutor(self.writers, "xattn-writer") as pool:
             if resume:
                 log.remove_unfinished_writes()  # a killed run's half-written files, never trusted, now gone
             done = log.done_items(self.explainer.model_name, self.explainer.method) if resume else set()
             todo = [path for path in paths if path not in done]
             summary.skipped = len(paths) - len(todo)
-            with contextlib.closing(self._records(todo, namer)) as records:  # decoding workers stop with the run
+            pending: deque[Future[dict[str, Any]]] = deque()  # records whose files are being written, in order
+
+            def record_oldest(count: int) -> None:
+                records = [pending.popleft().result() for _ in range(min(count, len(pending)))]
+                log.extend(records)
                 for record in records:
-                    log.append(record)
                     summary.ok += record["status"] == "ok"
                     summary.failed += record["status"] != "ok"
                     on_record(record)
+
+            workers = default_workers(len(todo), self.batch_size) if self.workers is None else self.workers
+            decoded = decoded_images(todo, self.max_pixels, workers, lookahead=2 * self.batch_size)
+            with contextlib.closing(decoded), contextlib.closing(  # decoding workers stop with the run
+                    explained(self.explainer, decoded, self.batch_size)) as outcomes:
+                try:
+                    for path, image, outcome, started in outcomes:
+                        pending.append(pool.submit(self._record, path, image, outcome, started, namer))
+                        if len(pending) >= 2 * self.batch_size:
+                            record_oldest(self.batch_size)
+                finally:  # also on Ctrl-C: the images already explained keep their records
+                    record_oldest(len(pending))
         return summary
 
-    def _records(self, paths: Sequence[str], namer: OutputNamer) -> Iterator[dict[str, Any]]:
-        workers = default_workers(len(paths), self.batch_size) if self.workers is None else self.workers
-        decoded = decoded_images(paths, self.max_pixels, workers, lookahead=2 * self.batch_size)
-        for path, image, outcome, started in explained(self.explainer, decoded, self.batch_size):
-            if isinstance(outcome, BaseException):
-                yield error_record(path, self.explainer, outcome)
-                continue
-            try:
-                record = self._write(path, image, outcome, namer)
-            except OSError as error:
-                yield error_record(path, self.explainer, error)
-                continue
-            record["meta"] = {**self.meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}
-            yield record
+    def _record(self, path: str, image: Image.Image | None, outcome: list[TargetMap] | BaseException,
+                started: float, namer: OutputNamer) -> dict[str, Any]:
+        """One image's record, after its files are written (on a writer thread); an error record if it failed."""
+        if isinstance(outcome, BaseException):
+            return error_record(path, self.explainer, outcome)
+        try:
+            record = self._write(path, image, outcome, namer)
+        except OSError as error:
+            return error_record(path, self.explainer, error)
+        record["meta"] = {**self.meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}
+        return record
 
     def _write(self, path: str, image: Image.Image, targets: list[TargetMap], namer: OutputNamer) -> dict[str, Any]:
         entries = []

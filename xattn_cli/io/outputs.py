@@ -169,8 +169,8 @@ def to_jsonable(value: Any) -> Any:
 class ResultsLog:
     """The `<out_dir>/results.jsonl` manifest: one JSON record per finished image, durable per line.
 
-    Use as a context manager. Records are appended and fsynced one by one under an exclusive `flock`, so
-    several runs can share one `out_dir` and a killed run loses at most the line being written. Such a
+    Use as a context manager. Records are appended (a batch of them at a time) and fsynced under an exclusive
+    `flock`, so several runs can share one `out_dir` and a killed run loses at most the lines being written. Such a
     cut-off line is skipped when the log is read back and truncated away when the log is next opened.
     """
 
@@ -212,9 +212,16 @@ class ResultsLog:
         return whole
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record as a JSON line and make it durable before returning. A write that fails
-        (a full disk) is cut back off, so the manifest never keeps part of a line."""
-        data = (json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        """Append one record as a JSON line and make it durable before returning."""
+        self.extend([record])
+
+    def extend(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append records as JSON lines with one write and one fsync, durable before returning. A write that
+        fails (a full disk) is cut back off, so the manifest never keeps part of a line."""
+        if not records:
+            return
+        data = "".join(json.dumps(to_jsonable(record), ensure_ascii=False, allow_nan=False) + "\n"
+                       for record in records).encode("utf-8")
         descriptor = self._file.fileno()
         with self._locked():
             size = self._drop_partial_line()
