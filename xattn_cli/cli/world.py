@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from xattn_cli.cli._run import fail
+
 app = typer.Typer(help="The shapes world: seeded scenes with masks, boxes, captions and questions.",
                   no_args_is_help=True)
 
@@ -17,9 +19,15 @@ def export(
     seed: Annotated[int, typer.Option("--seed", help="Stream seed; scene i is the same for every n.")] = 0,
     size: Annotated[int, typer.Option("--size", min=16, max=2048, help="Image side in pixels.")] = 224,
     confounded: Annotated[bool, typer.Option("--confounded", help="Colour follows shape 90% of the time.")] = False,
+    colour_rule: Annotated[str, typer.Option("--colour-rule", help="How colour follows shape: free (independent), biased:P (the shape's usual colour with probability P, else one of the other five) or anti (never the usual colour). Usual colours: circle red, square green, triangle blue, star yellow, cross purple, ring orange.")] = "free",
 ) -> None:
     """Write N scenes in the dataset folder format `xattn bench quality --data` reads."""
+    from xattn_cli.errors import UsageError
     from xattn_cli.world.export import export_dataset
+    from xattn_cli.world.shapes import ColourRule
 
-    annotations = export_dataset(folder, n, seed, size, confounded)
+    try:
+        annotations = export_dataset(folder, n, seed, size, confounded, ColourRule.parse(colour_rule))
+    except UsageError as error:
+        raise fail(str(error)) from None
     typer.echo(str(annotations))

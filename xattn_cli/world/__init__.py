@@ -1,1 +1,1 @@
-"""The procedural shapes world (scenes with exact ground truth) and its dataset export. Imports io only."""
+"""The procedural shapes world (scenes with exact ground truth) and its dataset export. Imports io and errors only."""

@@ -3,6 +3,12 @@
 Every scene is a function of `(seed, index)`: a textured or noisy background and 1–4 coloured shapes,
 each with a binary mask and a box, plus captions and VQA questions derived from the objects. It is the
 training data of the bundled `shapes-*` models and the ground truth of `xattn bench quality`.
+
+A `ColourRule` ties colour to shape so that dataset bias can be measured (CATT, Yang et al. CVPR 2021, is
+evaluated here on a confounded world): each shape has a usual colour (`USUAL_COLOUR`); `biased(p)` dresses an
+object in its shape's usual colour with probability p and otherwise in one of the five others, uniformly;
+`anti` never uses the usual colour (uniform over the other five); `free` (the default) is the world as it
+always was, draw for draw.
 """
 from __future__ import annotations
 
@@ -13,13 +19,68 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xattn_cli.errors import UsageError
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 COLOR_RGB = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225),
     "yellow": (235, 215, 40), "purple": (150, 55, 195), "orange": (245, 135, 25),
 }
+# circle red, square green, triangle blue, star yellow, cross purple, ring orange (as `color_bias` pairs them)
+USUAL_COLOUR = dict(zip(SHAPES, COLORS))
+USUAL_SHAPE = {color: shape for shape, color in USUAL_COLOUR.items()}
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, so edges are anti-aliased
+
+
+@dataclass(frozen=True)
+class ColourRule:
+    """How an object's colour depends on its shape: `free`, `biased` (with probability `p` of the usual
+    colour) or `anti` (never the usual colour). Written and parsed as `free`, `anti`, `biased:0.9`."""
+
+    kind: str = "free"
+    p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("free", "biased", "anti"):
+            raise UsageError(f"unknown colour rule {self.kind!r}: use free, anti or biased:P")
+        if self.kind == "biased" and not 0.0 <= self.p <= 1.0:
+            raise UsageError(f"colour rule biased:{self.p}: P must be in [0, 1]")
+        if self.kind != "biased" and self.p:
+            raise UsageError(f"colour rule {self.kind} takes no probability")
+
+    @classmethod
+    def parse(cls, text: str) -> ColourRule:
+        kind, _, value = text.strip().partition(":")
+        if kind == "biased":
+            try:
+                return cls("biased", float(value))
+            except ValueError:
+                raise UsageError(f"colour rule {text!r}: write biased:P with P a number in [0, 1]") from None
+        if value:
+            raise UsageError(f"colour rule {text!r} takes no value: use free, anti or biased:P")
+        return cls(kind)
+
+    def __str__(self) -> str:
+        return f"biased:{self.p:g}" if self.kind == "biased" else self.kind
+
+    def draw(self, rng: np.random.Generator, shape: str) -> str:
+        """A colour for an object of this shape (not for `free`, which keeps the world's historical draws)."""
+        return self._partner(rng, USUAL_COLOUR[shape], COLORS)
+
+    def shape_for(self, rng: np.random.Generator, color: str) -> str:
+        """A shape for an object of this colour, so that (shape, colour) keeps the rule's joint distribution
+        (shapes are uniform and the usual colours a bijection, so P(shape | colour) mirrors P(colour | shape))."""
+        return self._partner(rng, USUAL_SHAPE[color], SHAPES)
+
+    def _partner(self, rng: np.random.Generator, usual: str, pool: tuple[str, ...]) -> str:
+        if self.kind == "biased" and rng.random() < self.p:
+            return usual
+        others = [item for item in pool if item != usual]
+        return others[int(rng.integers(len(others)))]
+
+
+FREE = ColourRule()
 
 
 @dataclass
@@ -128,27 +189,35 @@ def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[tupl
     return centres
 
 
+def _free_colour(rng: np.random.Generator, shape: str, color_bias: float) -> str:
+    if rng.random() < color_bias:  # confounded world: each shape has "its" colour
+        return USUAL_COLOUR[shape]
+    return COLORS[int(rng.integers(len(COLORS)))]
+
+
 def _pick_attributes(rng: np.random.Generator, count: int, share_prob: float, color_bias: float,
-                     distinct_shapes: bool) -> list[tuple[str, str]]:
-    """(shape, colour) pairs, all distinct; with `share_prob` two objects share a colour or a shape."""
+                     distinct_shapes: bool, colour_rule: ColourRule = FREE) -> list[tuple[str, str]]:
+    """(shape, colour) pairs, all distinct; with `share_prob` two objects share a colour or a shape (under a
+    colour rule other than free, the object that takes the other's attribute redraws its own from the rule)."""
     if distinct_shapes:
         shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), size=count, replace=False)]
-        return [(shape, COLORS[int(rng.integers(len(COLORS)))]) for shape in shapes]
+        if colour_rule == FREE:
+            return [(shape, COLORS[int(rng.integers(len(COLORS)))]) for shape in shapes]
+        return [(shape, colour_rule.draw(rng, shape)) for shape in shapes]
     while True:
         pairs = []
         for _ in range(count):
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            if rng.random() < color_bias:  # confounded world: each shape has "its" colour
-                color = COLORS[SHAPES.index(shape)]
-            else:
-                color = COLORS[int(rng.integers(len(COLORS)))]
+            color = _free_colour(rng, shape, color_bias) if colour_rule == FREE else colour_rule.draw(rng, shape)
             pairs.append((shape, color))
         if count > 1 and rng.random() < share_prob:
             i, j = rng.choice(count, size=2, replace=False)
             if rng.random() < 0.5:
-                pairs[j] = (pairs[i][0], pairs[j][1])
+                shape = pairs[i][0]
+                pairs[j] = (shape, pairs[j][1] if colour_rule == FREE else colour_rule.draw(rng, shape))
             else:
-                pairs[j] = (pairs[j][0], pairs[i][1])
+                color = pairs[i][1]
+                pairs[j] = (pairs[j][0] if colour_rule == FREE else colour_rule.shape_for(rng, color), color)
         if len(set(pairs)) == count:
             return pairs
 
@@ -181,7 +250,8 @@ def _questions(rng: np.random.Generator, objects: list[SceneObject]) -> list[dic
 
 
 def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None = None,
-               share_prob: float = 0.5, color_bias: float = 0.0, distinct_shapes: bool = False) -> Scene:
+               share_prob: float = 0.5, color_bias: float = 0.0, distinct_shapes: bool = False,
+               colour_rule: ColourRule = FREE) -> Scene:
     """Draw one scene.
 
     Args:
@@ -192,11 +262,16 @@ def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None =
             win the pointing game).
         color_bias: probability that an object takes its shape's own colour (the confounded world).
         distinct_shapes: every object has a different shape (for shape classifiers).
+        colour_rule: how colour follows shape (`free`: as `color_bias` says). Every object's (shape, colour)
+            follows the rule; in scenes of several objects, redrawing pairs that repeat (all pairs are
+            distinct) lowers the usual-colour rate of `biased(p)` somewhat below p.
     """
+    if colour_rule != FREE and color_bias:
+        raise UsageError(f"color_bias applies to the free colour rule only, not to {colour_rule}")
     count = int(n_objects or rng.integers(1, 5))
     if not 1 <= count <= 4:
         raise ValueError(f"n_objects must be in 1..4, got {count}")
-    pairs = _pick_attributes(rng, count, share_prob, color_bias, distinct_shapes)
+    pairs = _pick_attributes(rng, count, share_prob, color_bias, distinct_shapes, colour_rule)
     scale = {1: (0.20, 0.34), 2: (0.14, 0.22), 3: (0.12, 0.18), 4: (0.11, 0.16)}[count]
     while True:
         radii = sorted((rng.uniform(*scale) * size for _ in range(count)), reverse=True)
