@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -19,6 +20,27 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise UsageError(f"unknown device {device!r} (auto, cpu or cuda)")
     return device
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Torch threads for a run: half the usable cores, at least one; the other half decodes images and writes
+    files beside the model. Two torch threads on 2 shared cores beside the decoder and the writers made a run
+    several times slower (benchmarks/perf.md)."""
+    return max(1, usable_cores() // 2)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (`None`: `default_threads()`); the number set."""
+    count = default_threads() if threads is None else threads
+    torch.set_num_threads(count)
+    return count
 
 
 def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:

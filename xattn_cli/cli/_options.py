@@ -32,6 +32,7 @@ PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or f
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip images whose ok record and files are already in --out.")]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard).")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="Image-decoding processes [default: 0 for short runs, else half the cores, at most 4].", show_default=False)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch [default: half the usable cores; the rest decode and write].", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar on stderr.")]
 TrustCheckpointOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickle checkpoints that can run code (only for sources you trust).")]
 

@@ -47,7 +47,8 @@ def resolve_format(requested: OutputFormat | None) -> OutputFormat:
 def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *, out: Path, save_maps: bool,
                     output_format: OutputFormat | None, device: str, batch_size: int, resume: bool,
                     max_pixels: int, quiet: bool, workers: int | None = None, overlays: Overlays = Overlays.png,
-                    shard: str | None = None, made_by: tuple[str, str] | None = None) -> None:
+                    shard: str | None = None, made_by: tuple[str, str] | None = None,
+                    threads: int | None = None) -> None:
     """Expand inputs, keep this shard's, build the explainer (usage errors → exit 2), run, print, exit 0/1/130.
     `made_by` (model name as given, method) lets `--resume` skip loading the model when it has nothing to do."""
     from xattn_cli.errors import UsageError
@@ -74,9 +75,10 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         typer.echo(f"xattn: skipped {len(paths)} finished image(s) (--resume)", err=True)
         return
     try:
-        from xattn_cli.device import resolve_device
+        from xattn_cli.device import resolve_device, set_threads
         from xattn_cli.runner import BatchRunner
 
+        set_threads(threads)
         device = resolve_device(device)
         explainer = build_explainer(device)
         runner = BatchRunner(explainer, out, device=device, save_maps=save_maps, batch_size=batch_size,

@@ -83,27 +83,42 @@ def perf(
     device: opt.DeviceOpt = "auto",
     precision: opt.PrecisionOpt = opt.Precision.fp32,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON.")] = None,
+    end_to_end: Annotated[bool, typer.Option("--end-to-end", help="Instead: the method over decoded scenes against the CLI's run over the same scenes as files (decode, model, files, manifest), with --overlays none, none + --save-maps, and png.")] = False,
+    scenes: Annotated[int, typer.Option("--scenes", min=1, help="With --end-to-end: scenes in the folder.")] = 200,
+    threads: opt.ThreadsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
 ) -> None:
     """Speed and peak memory of a method against the bare model and a batch-1 fp32 loop, in one run."""
     from xattn_cli.cli._run import EXIT_ITEMS_FAILED, fail
     from xattn_cli.errors import UsageError
-    from xattn_cli.eval.perf import format_perf, perf_texts, run_perf
-    from xattn_cli.device import autocast, resolve_device
+    from xattn_cli.eval.end_to_end import format_end_to_end, run_end_to_end
+    from xattn_cli.eval.perf import describe_run, format_perf, method_explainer, perf_texts, run_perf
+    from xattn_cli.device import autocast, resolve_device, set_threads
     from xattn_cli.io.outputs import atomic_write_bytes
     from xattn_cli.models.registry import load_model
 
+    def progress(line: str) -> None:
+        if not quiet:
+            typer.echo(f"xattn: {line}", err=True)
+
+    set_threads(threads)
     try:
         device_name = resolve_device(device)
         adapter = load_model(model, pretrained, device_name)
         autocast(device_name, precision.value)
         chosen = method or ("surgery" if "surgery" in adapter.layout.explainers else "chefer")
-        result = run_perf(adapter, method=chosen, batch_size=batch_size, texts=perf_texts(texts),
-                          precision=precision.value, loop_items=min(loop_items, batch_size), repeats=repeats,
-                          progress=lambda line: None if quiet else typer.echo(f"xattn: {line}", err=True))
+        if end_to_end:
+            explainer = method_explainer(adapter, chosen, perf_texts(texts), precision.value)
+            result = {**describe_run(adapter, chosen, precision.value, batch_size, texts),
+                      **run_end_to_end(explainer, scenes=scenes, batch_size=batch_size, device=device_name,
+                                       progress=progress)}
+        else:
+            result = run_perf(adapter, method=chosen, batch_size=batch_size, texts=perf_texts(texts),
+                              precision=precision.value, loop_items=min(loop_items, batch_size), repeats=repeats,
+                              progress=progress)
     except UsageError as error:
         raise fail(str(error)) from None
-    typer.echo(format_perf(result))
+    typer.echo(format_end_to_end(result) if end_to_end else format_perf(result))
     if json_file:
         try:
             json_file.parent.mkdir(parents=True, exist_ok=True)

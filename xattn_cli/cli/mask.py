@@ -35,6 +35,7 @@ def mask(
     resume: opt.ResumeOpt = False,
     max_pixels: opt.MaxPixelsOpt = 64_000_000,
     workers: opt.WorkersOpt = None,
+    threads: opt.ThreadsOpt = None,
     overlays: opt.OverlaysOpt = opt.Overlays.png,
     shard: opt.ShardOpt = None,
     quiet: opt.QuietOpt = False,
@@ -53,4 +54,4 @@ def mask(
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet, workers=workers,
-                    overlays=overlays, shard=shard, made_by=(model, "mask"))
+                    threads=threads, overlays=overlays, shard=shard, made_by=(model, "mask"))

@@ -29,11 +29,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xattn_cli.capture import AttentionRecorder
-
-from xattn_cli.errors import UsageError
+from xattn_cli.capture.gradients import (
+    first_gradient_sites,
+    gradients_from,
+    input_gradients_only,
+)
 from xattn_cli.device import autocast
-from xattn_cli.capture.gradients import first_gradient_sites, gradients_from, input_gradients_only
+from xattn_cli.errors import UsageError
 from xattn_cli.explainers import build_relevancy
+from xattn_cli.explainers.base import Explainer
 from xattn_cli.explainers.surgery import SurgeryExplainer
 from xattn_cli.methods import method_spec
 from xattn_cli.methods.relevancy import token_relevance
@@ -225,19 +229,28 @@ def startup_seconds(command: Sequence[str], repeats: int = 5) -> float | None:
     return statistics.median(times)
 
 
+def method_explainer(adapter, method: str, texts: Sequence[str], precision: str) -> Explainer:
+    """The explainer `bench perf` times: surgery, or the relevancy method for the adapter's task (CLIP models
+    explain `texts`, classifiers their first label); usage errors for a method or model it does not measure."""
+    if adapter.layout.task not in ("image-text", "classify"):
+        raise UsageError(f"bench perf measures CLIP models and classifiers; {adapter.name} is neither")
+    method_spec(method, None if method == "surgery" else adapter.layout.rule, adapter.name)  # unknown names first
+    if method == "surgery":
+        return SurgeryExplainer(adapter, texts, precision=precision)
+    clip = adapter.layout.task == "image-text"
+    return build_relevancy(adapter, method=method, precision=precision, texts=texts if clip else [],
+                           targets=[] if clip else [adapter.labels[0]])
+
+
 def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], precision: str,
              loop_items: int, repeats: int = 1, startup: bool = True,
              progress: Callable[[str], None] = lambda line: None) -> dict:
     """Every row for one model and method, with ratios to the bare model and to the batch-1 loop."""
     device = str(adapter.device)
-    task = adapter.layout.task
-    if task not in ("image-text", "classify"):
-        raise UsageError(f"bench perf measures CLIP models and classifiers; {adapter.name} is neither")
-    spec = method_spec(method, None if method == "surgery" else adapter.layout.rule, adapter.name)
-    if method == "surgery" and "surgery" not in adapter.layout.explainers:
-        raise UsageError(f"{adapter.name} has no surgery; use xattn relevancy")
-    clip = task == "image-text"
+    clip = adapter.layout.task == "image-text"
     texts = list(texts) if clip else []
+    explainer = method_explainer(adapter, method, texts, precision)
+    spec = explainer.spec
     images = perf_images(batch_size)
     loop_images = images[:loop_items]
     rows: list[Measurement] = []
@@ -250,7 +263,6 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
 
     if method == "surgery":
         bare = add("bare image encoder", bare_clip_forward(adapter, images, precision), batch_size)
-        explainer = SurgeryExplainer(adapter, texts, precision=precision)
         explained = add("surgery", lambda: explainer.explain(images), batch_size)
         add("batch-1 fp32 loop, text cached", surgery_loop(adapter, loop_images, texts, reencode=False), loop_items,
             loop=True)
@@ -261,8 +273,6 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
             bare = add("bare forward", _bare_forward(adapter, images, texts, precision), batch_size)
         else:
             bare = add("bare forward+backward", bare_backward(adapter, images, texts, precision), batch_size)
-        explainer = build_relevancy(adapter, method=method, precision=precision, texts=texts,
-                                    targets=[] if clip else [adapter.labels[0]])
         explained = add(method, lambda: explainer.explain(images), batch_size)
         add("batch-1 fp32 loop", relevancy_loop(adapter, loop_images, texts, method), loop_items, loop=True)
         if spec.needs_gradients:
@@ -270,9 +280,7 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
                              bare_backward(adapter, images, texts, precision, explainer), batch_size)
     loop = rows[2]
     result = {
-        "model": adapter.name, "method": method, "device": device_name(device), "precision": precision,
-        "batch_size": batch_size, "texts": len(texts), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": sys.version.split()[0],
+        **describe_run(adapter, method, precision, batch_size, len(texts)),
         "rows": [{**asdict(row), "items_per_s": row.items_per_s} for row in rows],
         "method_vs_bare": explained.items_per_s / bare.items_per_s,
         "method_vs_loop": explained.items_per_s / loop.items_per_s,
@@ -289,6 +297,14 @@ def run_perf(adapter, *, method: str, batch_size: int, texts: Sequence[str], pre
             result["startup"] = {"xattn_help_s": xattn_help, "import_typer_s": import_typer,
                                  "ratio": xattn_help / import_typer}
     return result
+
+
+def describe_run(adapter, method: str, precision: str, batch_size: int, texts: int) -> dict:
+    """What a perf run measured and where: the header of its JSON."""
+    return {"model": adapter.name, "method": method, "device": device_name(str(adapter.device)),
+            "precision": precision, "batch_size": batch_size,
+            "texts": texts if adapter.layout.task == "image-text" else 0, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
 def _bare_forward(adapter, images: Sequence[Image.Image], texts: Sequence[str], precision: str) -> Callable[[], object]:
@@ -315,11 +331,14 @@ def device_name(device: str) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def format_header(result: dict) -> str:
+    return (f"{result['model']} · {result['method']} · {result['device']} · {result['precision']} · "
+            f"batch {result['batch_size']} · {result['texts']} texts · torch {result['torch']}")
+
+
 def format_perf(result: dict) -> str:
     """A plain-text table of one run, ratios below it."""
-    lines = [f"{result['model']} · {result['method']} · {result['device']} · {result['precision']} · "
-             f"batch {result['batch_size']} · {result['texts']} texts · torch {result['torch']}",
-             f"{'':36} {'items/s':>9} {'peak MiB':>9} {'items':>6} {'seconds':>8}"]
+    lines = [format_header(result), f"{'':36} {'items/s':>9} {'peak MiB':>9} {'items':>6} {'seconds':>8}"]
     for row in result["rows"]:
         lines.append(f"{row['name']:36} {row['items_per_s']:9.2f} {row['peak_mb']:9.0f} {row['items']:6d} "
                      f"{row['seconds']:8.2f}")
