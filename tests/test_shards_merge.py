@@ -257,3 +257,48 @@ def test_resume_leaves_the_temporaries_of_another_live_run_alone(tmp_path):
     with ResultsLog(tmp_path) as alone:
         assert alone.remove_unfinished_writes() == 1 and not in_flight.exists()
         assert alone.done_items() == {"a.png"}
+
+
+# --- --layout tree -----------------------------------------------------------------------------------
+def test_tree_layout_mirrors_the_input_folders_with_the_flat_names(scenes, tmp_path):
+    flat = {r["image"]: r for r in explain(scenes, tmp_path / "flat")}
+    tree_out = tmp_path / "tree"
+    tree = {r["image"]: r for r in explain(scenes, tree_out, "--layout", "tree")}
+    assert {i: comparable(r) for i, r in tree.items()} == {i: comparable(r) for i, r in flat.items()}
+    folders = set()
+    for image, record in tree.items():
+        for target, flat_target in zip(record["targets"], flat[image]["targets"]):
+            for key in ("overlay", "map"):
+                expected = tree_out / Path(image).parent.relative_to(scenes) / Path(flat_target[key]).name
+                assert Path(target[key]) == expected and expected.read_bytes() == Path(flat_target[key]).read_bytes()
+                folders.add(expected.parent)
+    assert folders == {tree_out, tree_out / "b"}
+
+
+def test_tree_layout_resumes_merges_and_reports(scenes, tmp_path):
+    shard_outs = [tmp_path / f"shard{index}" for index in range(2)]
+    for index, out in enumerate(shard_outs):
+        explain(scenes, out, "--layout", "tree", "--shard", f"{index}/2")
+    merged_out = tmp_path / "merged"
+    assert runner.invoke(app, ["merge", *map(str, shard_outs), "--out", str(merged_out)]).exit_code == 0
+    merged = manifest(merged_out)
+    nested = [t["overlay"] for r in merged for t in r["targets"] if Path(t["overlay"]).parent == merged_out / "b"]
+    assert len(merged) == 7 and nested and all(Path(t[key]).is_file() for r in merged for t in r["targets"]
+                                               for key in ("overlay", "map"))
+    lost = Path(nested[0])
+    lost.unlink()  # one nested file gone: --resume redoes exactly its image
+    redone = explain(scenes, merged_out, "--layout", "tree", "--resume")
+    assert [Path(t["overlay"]) for r in redone for t in r["targets"]].count(lost) == 1 and len(redone) == 1
+    assert lost.is_file()
+    page = runner.invoke(app, ["report", str(merged_out)])
+    assert page.exit_code == 0, page.output
+    html = (merged_out / "report.html").read_text(encoding="utf-8")
+    assert "overlay not found" not in html and html.count('alt="overlay"') == 14
+
+
+def test_records_without_their_run_folder_find_artifacts_by_name(tmp_path):
+    (tmp_path / "x__a.png").write_bytes(b"png")
+    old = {"image": "x.png", "status": "ok", "targets": [{"overlay": "elsewhere/x__a.png", "map": None}]}
+    assert outputs.artifact_in(tmp_path, old, "elsewhere/x__a.png") == tmp_path / "x__a.png"
+    escaping = {**old, "meta": {"out": "elsewhere/deeper"}}  # a path outside the run's folder: by name only
+    assert outputs.artifact_in(tmp_path, escaping, "elsewhere/x__a.png") == tmp_path / "x__a.png"

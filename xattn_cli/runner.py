@@ -109,15 +109,16 @@ class BatchRunner:
     Records are appended in input order, a batch at a time with one fsync, each only after its files are
     durable: a kill loses at most the images in flight, which `--resume` redoes.
 
-    `overlays`: "png", "jpg" or "none" (records then name no overlay: maps and scores only)."""
+    `overlays`: "png", "jpg" or "none" (records then name no overlay: maps and scores only). `layout`: "flat"
+    or "tree" (see `io.outputs.LAYOUTS`)."""
 
     def __init__(self, explainer: Explainer, out_dir: str | Path, *, device: str, save_maps: bool = False,
                  batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                 overlays: str = "png", writers: int = DEFAULT_WRITERS):
+                 overlays: str = "png", writers: int = DEFAULT_WRITERS, layout: str = "flat"):
         self.explainer, self.out_dir, self.save_maps, self.overlays = explainer, Path(out_dir), save_maps, overlays
         self.batch_size, self.max_pixels, self.workers = max(1, batch_size), max_pixels, workers
-        self.writers = max(1, writers)
-        self.meta = run_meta(explainer, device)
+        self.writers, self.layout = max(1, writers), layout
+        self.meta = {**run_meta(explainer, device), "out": str(self.out_dir)}  # artifacts are found relative to it
         self.made_by = f"{explainer.model_name}-{explainer.method}"  # in artifact names: runs can share a folder
 
     def run(self, paths: Sequence[str], resume: bool = False,
@@ -126,7 +127,7 @@ class BatchRunner:
         """Explain `paths`. Artifact names are made unique among `named_among` (default: `paths`): a shard
         passes every input, so its files are named as a single run over all of them would name them."""
         summary = RunSummary()
-        namer = OutputNamer(paths if named_among is None else named_among)
+        namer = OutputNamer(paths if named_among is None else named_among, self.layout)
         with ResultsLog(self.out_dir) as log, ThreadPoolExecutor(self.writers, "xattn-writer") as pool:
             if resume:
                 log.remove_unfinished_writes()  # a killed run's half-written files, never trusted, now gone
@@ -175,6 +176,7 @@ class BatchRunner:
             entry["overlay"] = None
             if self.overlays != "none":
                 overlay_path = namer.artifact_path(self.out_dir, path, target.target, self.overlays, self.made_by)
+                overlay_path.parent.mkdir(parents=True, exist_ok=True)  # a tree layout's folder
                 if self.explainer.spec.explainer == "mask":  # a binary mask: the kept patches outlined
                     overlay = overlay_kept(image, target.map)
                 else:
@@ -185,6 +187,7 @@ class BatchRunner:
             entry["map"] = None
             if self.save_maps:
                 map_path = namer.artifact_path(self.out_dir, path, target.target, "npy", self.made_by)
+                map_path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_save_npy(map_path, target.map)
                 entry["map"] = str(map_path)
             entries.append(entry)

@@ -44,4 +44,10 @@ class Overlays(str, Enum):
 
 
 OverlaysOpt = Annotated[Overlays, typer.Option("--overlays", help="Overlay files: png, jpg (quality 90), or none (maps and scores only).")]
+class Layout(str, Enum):
+    flat = "flat"
+    tree = "tree"
+
+
+LayoutOpt = Annotated[Layout, typer.Option("--layout", help="Artifacts all in --out (flat), or in folders mirroring the inputs' folders (tree: no folder holds millions of files).")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Explain only shard I (0-based) of N: the inputs whose sha1(path) mod N is I. N runs cover every input once; `xattn merge` joins their --out folders.", show_default=False)]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import typer
 
-from xattn_cli.cli._options import OutputFormat, Overlays
+from xattn_cli.cli._options import Layout, OutputFormat, Overlays
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -48,7 +48,7 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
                     output_format: OutputFormat | None, device: str, batch_size: int, resume: bool,
                     max_pixels: int, quiet: bool, workers: int | None = None, overlays: Overlays = Overlays.png,
                     shard: str | None = None, made_by: tuple[str, str] | None = None,
-                    threads: int | None = None) -> None:
+                    threads: int | None = None, layout: Layout = Layout.flat) -> None:
     """Expand inputs, keep this shard's, build the explainer (usage errors → exit 2), run, print, exit 0/1/130.
     `made_by` (model name as given, method) lets `--resume` skip loading the model when it has nothing to do."""
     from xattn_cli.errors import UsageError
@@ -82,7 +82,8 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         device = resolve_device(device)
         explainer = build_explainer(device)
         runner = BatchRunner(explainer, out, device=device, save_maps=save_maps, batch_size=batch_size,
-                             max_pixels=max_pixels, workers=workers, overlays=overlays.value)
+                             max_pixels=max_pixels, workers=workers, overlays=overlays.value,
+                             layout=layout.value)
     except UsageError as error:
         raise fail(str(error)) from None
     collected: list[dict[str, Any]] = []  # only for json and table, which print at the end

@@ -53,6 +53,7 @@ def surgery(
     workers: opt.WorkersOpt = None,
     threads: opt.ThreadsOpt = None,
     overlays: opt.OverlaysOpt = opt.Overlays.png,
+    layout: opt.LayoutOpt = opt.Layout.flat,
     shard: opt.ShardOpt = None,
     quiet: opt.QuietOpt = False,
 ) -> None:
@@ -68,4 +69,4 @@ def surgery(
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,
-                    workers=workers, threads=threads, overlays=overlays, shard=shard, made_by=(model, "surgery"))
+                    workers=workers, threads=threads, layout=layout, overlays=overlays, shard=shard, made_by=(model, "surgery"))

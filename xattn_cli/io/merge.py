@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xattn_cli.errors import UsageError
-from xattn_cli.io.outputs import FILE_KEYS, RESULTS_FILE_NAME, RunKey, artifact_in, atomic_write_bytes, latest_records
+from xattn_cli.io.outputs import FILE_KEYS, RESULTS_FILE_NAME, RunKey, artifact_relative, atomic_write_bytes, latest_records
 
 
 @dataclass
@@ -75,8 +75,8 @@ def _choose(chosen: dict[RunKey, tuple[dict[str, Any], Path]], key: RunKey, reco
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """A record without its meta, artifact paths reduced to file names."""
-    targets = [{key: Path(value).name if key in FILE_KEYS and value else value for key, value in target.items()}
-               for target in record.get("targets") or []]
+    targets = [{key: str(artifact_relative(record, value)) if key in FILE_KEYS and value else value
+                for key, value in target.items()} for target in record.get("targets") or []]
     return {**{key: value for key, value in record.items() if key != "meta"}, "targets": targets}
 
 
@@ -90,13 +90,14 @@ def _artifacts(chosen: Iterable[tuple[dict[str, Any], Path]], out: Path) -> dict
             for key in FILE_KEYS:
                 if not target.get(key):
                     continue
-                source = artifact_in(folder, target[key])
+                relative = artifact_relative(record, target[key])
+                source = folder / relative
                 if not source.is_file():
-                    raise UsageError(f"{folder}: {record['image']} names {source.name}, which is missing; "
+                    raise UsageError(f"{folder}: {record['image']} names {relative}, which is missing; "
                                      "rerun that shard with --resume first")
-                destination = out / source.name
+                destination = out / relative
                 if destination in links and not _same_bytes(links[destination], source):
-                    raise UsageError(f"{source.name} differs between {links[destination].parent} and {folder}; "
+                    raise UsageError(f"{relative} differs between {links[destination]} and {source}; "
                                      "were the shards run over different inputs?")
                 links.setdefault(destination, source)
     return links
@@ -111,6 +112,7 @@ def _same_bytes(first: Path, second: Path) -> bool:
 def _link_or_copy(source: Path, destination: Path) -> None:
     if destination.exists() and _same_bytes(source, destination):
         return
+    destination.parent.mkdir(parents=True, exist_ok=True)  # a tree layout's folders
     temporary = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")  # as --resume cleans up
     try:
         os.link(source, temporary)
@@ -124,6 +126,6 @@ def _relocated(record: dict[str, Any], out: Path) -> dict[str, Any]:
     """The record with its artifacts named inside `out`."""
     if record.get("status") != "ok":
         return record
-    targets = [{key: str(out / Path(value).name) if key in FILE_KEYS and value else value
+    targets = [{key: str(out / artifact_relative(record, value)) if key in FILE_KEYS and value else value
                 for key, value in target.items()} for target in record.get("targets") or []]
-    return {**record, "targets": targets}
+    return {**record, "targets": targets, "meta": {**(record.get("meta") or {}), "out": str(out)}}

@@ -97,22 +97,33 @@ def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:6]
 
 
+LAYOUTS = ("flat", "tree")
+"""Where artifacts go: all directly in --out, or in folders mirroring the inputs' folders below their common
+folder (so no folder of a large run holds millions of files). File names are the same in both."""
+
+
 class OutputNamer:
     """Unique, stable artifact names for the images of one run.
 
     Each image's stem is the slug of its file stem; images whose slugs collide (same name in two
     folders, "Dog.png" vs "dog.jpg") all get `-<sha1 of absolute path>` appended, so names do not depend
     on input order. Targets whose slugs collide within one image ("a dog" vs "a-dog") get the same kind
-    of suffix on the later one.
+    of suffix on the later one. With `layout="tree"` each file goes into its image's folder relative to the
+    common folder of all images.
     """
 
-    def __init__(self, image_paths: Sequence[str | Path]) -> None:
+    def __init__(self, image_paths: Sequence[str | Path], layout: str = "flat") -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r} ({' or '.join(LAYOUTS)})")
         keys = list(dict.fromkeys(os.path.abspath(path) for path in image_paths))
         slugs = {key: slugify(Path(key).stem) for key in keys}
         counts = Counter(slugs.values())
         self._stems = {
             key: f"{slug}-{_short_hash(key)}" if counts[slug] > 1 else slug for key, slug in slugs.items()
         }
+        root = os.path.commonpath([os.path.dirname(key) for key in keys]) if layout == "tree" and keys else None
+        self._folders = {key: Path(os.path.relpath(os.path.dirname(key), root)) if root else Path(".")
+                         for key in keys}
         self._target_by_slug: dict[tuple[str, str], str] = {}
 
     def stem(self, image_path: str | Path) -> str:
@@ -124,16 +135,18 @@ class OutputNamer:
 
     def artifact_path(self, out_dir: str | Path, image_path: str | Path, target: str, ext: str,
                       run: str = "") -> Path:
-        """`<out_dir>/<stem>__<run-slug>__<target-slug>.<ext>` (without `run`: `<stem>__<target-slug>.<ext>`),
-        guaranteed to lie directly inside `out_dir`. `run` names what made the file (model and method), so
-        runs of several models or methods can share a folder without overwriting each other's files."""
+        """`<out_dir>/[<folder>/]<stem>__<run-slug>__<target-slug>.<ext>` (without `run`:
+        `<stem>__<target-slug>.<ext>`), guaranteed to lie inside `out_dir` (directly, in the flat layout).
+        `run` names what made the file (model and method), so runs of several models or methods can share a
+        folder without overwriting each other's files."""
         if not _EXTENSION.fullmatch(ext):
             raise ValueError(f"invalid artifact extension {ext!r}")
         stem = self.stem(image_path)
         out_dir = Path(out_dir)
         made_by = f"{slugify(run, 40)}__" if run else ""
-        path = out_dir / f"{stem}__{made_by}{self._target_slug(stem, target)}.{ext}"
-        if path.resolve().parent != out_dir.resolve():
+        folder = out_dir / self._folders[os.path.abspath(image_path)]
+        path = folder / f"{stem}__{made_by}{self._target_slug(stem, target)}.{ext}"
+        if path.resolve().parent != folder.resolve() or not folder.resolve().is_relative_to(out_dir.resolve()):
             raise ValueError(f"artifact name {path.name!r} escapes the output folder {out_dir}")
         return path
 
@@ -245,8 +258,8 @@ class ResultsLog:
             fcntl.flock(self._run_lock.fileno(), fcntl.LOCK_SH)  # a failed conversion may have dropped it
             return 0
         try:
-            unfinished = [path for path in self.out_dir.iterdir()
-                          if path.is_file() and _UNFINISHED_WRITE.fullmatch(path.name)]
+            unfinished = [Path(folder, name) for folder, _, names in os.walk(self.out_dir)  # tree layouts too
+                          for name in names if _UNFINISHED_WRITE.fullmatch(name)]
             for path in unfinished:
                 path.unlink(missing_ok=True)
         finally:
@@ -272,7 +285,7 @@ class ResultsLog:
         if not all(isinstance(target, dict) for target in targets):
             return False
         named = [target[key] for target in targets for key in FILE_KEYS if target.get(key)]
-        return all(artifact_in(self.out_dir, name).is_file() for name in named)
+        return all(artifact_in(self.out_dir, record, name).is_file() for name in named)
 
     def close(self) -> None:
         """Close the log file (and give up its share of the folder)."""
@@ -307,10 +320,21 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-def artifact_in(out_dir: str | Path, recorded: object) -> Path:
-    """Where an artifact a record names (as the run saw it, relative to its working directory) lies now:
-    in `out_dir`, under its own name."""
-    return Path(out_dir) / Path(str(recorded)).name
+def artifact_in(out_dir: str | Path, record: dict[str, Any], recorded: object) -> Path:
+    """Where an artifact that `record` names (as the run saw it, relative to its working directory) lies now,
+    with the run's folder at `out_dir`."""
+    return Path(out_dir) / artifact_relative(record, recorded)
+
+
+def artifact_relative(record: dict[str, Any], recorded: object) -> Path:
+    """An artifact's path inside its run's --out: relative to the --out its record's meta names (either
+    layout), else its file name (records of runs before layouts existed, which were all flat)."""
+    run_out = (record.get("meta") or {}).get("out")
+    if isinstance(run_out, str):
+        relative = Path(os.path.relpath(str(recorded), run_out))
+        if ".." not in relative.parts:
+            return relative
+    return Path(Path(str(recorded)).name)
 
 
 def _parse_record(line: str) -> dict[str, Any] | None:

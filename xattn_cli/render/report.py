@@ -193,7 +193,7 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
                          _cell(f"error: {error.get('type', '')}: {error.get('message', '')}", "error")])
             continue
         for target in record.get("targets") or []:
-            overlay = artifact_in(folder, target["overlay"]) if target.get("overlay") else None
+            overlay = artifact_in(folder, record, target["overlay"]) if target.get("overlay") else None
             details = "; ".join(f"{key}: {value}" for key, value in target.items()
                                 if key not in TARGET_KEYS and not isinstance(value, (list, dict)))
             rows.append([_cell(name), source, model, _cell(str(target["target"])),
