@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
@@ -15,10 +16,12 @@ def resolve_device(device: str) -> str:
     """'auto' → cuda when available; 'cuda' without CUDA is a usage error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda:all":
+        raise UsageError("--device cuda:all (one worker per GPU) is for surgery, relevancy and mask runs")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UsageError(f"unknown device {device!r} (auto, cpu, cuda or cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("device cuda was asked for, but CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown device {device!r} (auto, cpu or cuda)")
     return device
 
 

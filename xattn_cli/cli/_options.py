@@ -26,7 +26,7 @@ PretrainedOpt = Annotated[Optional[str], typer.Option("--pretrained", help="Weig
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for overlays, maps and results.jsonl.")]
 SaveMapsOpt = Annotated[bool, typer.Option("--save-maps", help="Also write each raw map as float32 .npy (H×W, [0, 1]).")]
 FormatOpt = Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="stdout format [default: table on a terminal, jsonl when piped].", show_default=False)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, or (map commands) cuda:all: one worker process per visible GPU, into one --out.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16/bf16 autocast (fp16 needs CUDA).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip images whose ok record and files are already in --out.")]

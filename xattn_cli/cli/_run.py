@@ -1,6 +1,7 @@
 """Running a map command: inputs → BatchRunner → stdout, with the exit codes of DESIGN §4."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import typer
 from xattn_cli.cli._options import Layout, OutputFormat, Overlays
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+ALL_GPUS = "cuda:all"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -52,15 +54,22 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
     """Expand inputs, keep this shard's, build the explainer (usage errors → exit 2), run, print, exit 0/1/130.
     `made_by` (model name as given, method) lets `--resume` skip loading the model when it has nothing to do."""
     from xattn_cli.errors import UsageError
+    from xattn_cli.fanout import worker_part
     from xattn_cli.io.inputs import expand_inputs
     from xattn_cli.io.shards import in_shard, parse_shard
 
     output_format = resolve_format(output_format)
+    stdin_text = sys.stdin.read() if "-" in images else None  # read once: `cuda:all` hands it to every worker
     try:
-        inputs = expand_inputs(images, sys.stdin)
+        inputs = expand_inputs(images, io.StringIO(stdin_text or ""))
         paths = inputs if shard is None else in_shard(inputs, *parse_shard(shard))
     except (ValueError, UsageError) as error:
         raise fail(str(error)) from None
+    part = worker_part()
+    if part is not None:  # worker i of n of a `--device cuda:all` run: every n-th input from the i-th
+        paths = paths[part[0]::part[1]]
+    if device == ALL_GPUS and paths:
+        raise typer.Exit(_run_on_every_gpu(stdin_text, output_format))
     if not paths:  # a shard of few inputs can be empty: no model is loaded, and an empty manifest is left
         from xattn_cli.io.outputs import ResultsLog
 
@@ -122,6 +131,33 @@ def run_map_command(images: list[str], build_explainer: Callable[[str], Any], *,
         typer.echo(f"xattn: {summary.failed} of {summary.ok + summary.failed} image(s) failed; "
                    "see their error records", err=True)
         raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+def _run_on_every_gpu(stdin_text: str | None, output_format: OutputFormat) -> int:
+    """This command once per visible GPU (see `xattn_cli.fanout`); its exit code."""
+    import torch
+
+    from xattn_cli.fanout import run_per_device
+
+    devices = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if not devices:
+        raise fail(f"--device {ALL_GPUS} needs CUDA, and no GPU is visible on this machine")
+    records: list[dict[str, Any]] = []
+
+    def on_line(line: str) -> None:
+        if output_format is OutputFormat.jsonl:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        else:
+            records.append(json.loads(line))
+
+    typer.echo(f"xattn: one worker on each of {len(devices)} GPUs", err=True)
+    code = run_per_device(sys.argv[1:], devices, stdin_text=stdin_text, on_line=on_line)
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(records, ensure_ascii=False, indent=2))
+    elif output_format is OutputFormat.table:
+        _print_table(records)
+    return code
 
 
 def _all_finished(paths: list[str], out: Path, model: str, method: str) -> bool:
