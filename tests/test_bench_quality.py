@@ -10,8 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from xattn_cli.cli.app import app
+from xattn_cli.errors import UsageError
 from xattn_cli.eval.metrics import pool_to_tokens
-from xattn_cli.eval.quality import (ClipTask, Task, centre_map, evaluate, held_out_scenes, load_dataset,
+from xattn_cli.eval.quality import (ClipTask, Task, centre_map, check_names, evaluate, held_out_scenes, load_dataset,
                                     random_map, sanity_cascade, scene_targets, summarise, vision_blocks)
 from xattn_cli.world.export import export_dataset
 from xattn_cli.world.shapes import scene_at
@@ -211,3 +212,67 @@ def test_memoised_scores_each_distinct_keep_mask_once():
     assert cached(first).tolist() == [2.0, 1.0, 2.0]
     assert cached(torch.tensor([[False, True], [True, False]])).tolist() == [1.0, 1.0]
     assert calls == [2, 1]
+
+
+def literal_attention_auc(adapter, scene, relevance: np.ndarray, label: str, most_relevant_first: bool) -> float:
+    """Perturbation AUC written out: tokens removed in relevance order, their keys masked through TokenMask."""
+    from xattn_cli.capture import TokenMask
+    from xattn_cli.eval.metrics import PERTURBATION_STEPS
+
+    pixels = adapter.preprocess([scene.image], adapter.native_size)  # (1, 3, H, W)
+    sites = [site for site in adapter.attention_sites() if site.stream == "vision"]
+    order = sorted(range(relevance.size), key=lambda i: -relevance[i] if most_relevant_first else relevance[i])
+    curve = []
+    for fraction in PERTURBATION_STEPS:
+        removed = set(order[:round(fraction * relevance.size)])
+        keep = torch.tensor([[1.0] + [0.0 if i in removed else 1.0 for i in range(relevance.size)]])  # CLS first
+        with torch.no_grad(), TokenMask(sites, keep):
+            logits = adapter.classify(pixels)
+        curve.append(float(torch.sigmoid(logits[0, adapter.target_index(label)])))
+    steps = PERTURBATION_STEPS
+    return sum((steps[i + 1] - steps[i]) * (curve[i] + curve[i + 1]) / 2 for i in range(len(steps) - 1))
+
+
+def test_cli_measures_token_masks_and_perturbs_attention_as_token_mask_does(tmp_path):
+    from xattn_cli.eval.quality import RANDOM_MAP_SEED
+    from xattn_cli.models.registry import load_model
+
+    args = ["bench", "quality", "--scenes", "1", "--resamples", "100", "--device", "cpu", "-q"]
+    result = runner.invoke(app, [*args, "--methods", "mask,random", "--perturb", "attention",
+                                 "--json", str(tmp_path / "attention.json")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved["perturb"] == "attention"
+    rows = {(row["model"], row["method"]): row for row in saved["rows"]}
+    assert set(rows) == {(model, method) for model in ("shapes-clip", "shapes-vit") for method in ("mask", "random")}
+    _, scene = held_out_scenes(1)[0]
+    for model, target_of in (("shapes-clip", ClipTask.target_of), ("shapes-vit", lambda obj: obj.shape)):
+        mask_row = rows[(model, "mask")]
+        assert mask_row["targets"] == len(scene_targets(scene, target_of))
+        for metric in ("pointing", "miou", "energy", "auc_positive", "auc_negative"):
+            assert 0 <= mask_row[metric]["low"] <= mask_row[metric]["mean"] <= mask_row[metric]["high"] <= 1
+
+    adapter = load_model("shapes-vit", device="cpu")
+    shapes = [shape for shape, _ in scene_targets(scene, lambda obj: obj.shape)]
+    for metric, most_relevant_first in (("auc_positive", True), ("auc_negative", False)):
+        aucs = []
+        for k, shape in enumerate(shapes):
+            noise = random_map(scene.image.size, (RANDOM_MAP_SEED, 0, k)).astype(np.float64)  # (64, 64)
+            relevance = noise.reshape(8, 8, 8, 8).mean(axis=(1, 3)).ravel()  # (64,) mean per 8-pixel patch
+            aucs.append(literal_attention_auc(adapter, scene, relevance, shape, most_relevant_first))
+        assert rows[("shapes-vit", "random")][metric]["mean"] == pytest.approx(np.mean(aucs), abs=1e-6)
+
+    pixels = runner.invoke(app, [*args, "--models", "shapes-vit", "--methods", "random",
+                                 "--json", str(tmp_path / "p.json")])
+    assert pixels.exit_code == 0, pixels.output
+    blacked = json.loads((tmp_path / "p.json").read_text())
+    masked_auc = rows[("shapes-vit", "random")]["auc_positive"]["mean"]
+    assert blacked["perturb"] == "pixels" and blacked["rows"][0]["auc_positive"]["mean"] != pytest.approx(masked_auc)
+
+
+def test_an_unknown_perturbation_is_refused_with_exit_2():
+    result = runner.invoke(app, ["bench", "quality", "--perturb", "blur", "--models", "shapes-vit"])
+    assert result.exit_code == 2
+    assert "'blur' is not one of 'pixels', 'attention'" in result.stderr
+    with pytest.raises(UsageError, match="unknown perturbation 'blur'"):
+        check_names(["shapes-vit"], ["chefer"], "blur")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from xattn_cli.eval.metrics import (PERTURBATION_STEPS, area_under_curve, bootstrap_ci, energy_in_mask, keep_masks,
-                                    mean_threshold_miou, perturbation_auc, pointing, pool_to_tokens, remove_tokens,
-                                    spearman)
+                                    mean_threshold_miou, object_patches, perturbation_auc, pointing, pool_to_tokens,
+                                    recall_precision, remove_tokens, spearman)
 
 MASK = np.zeros((8, 8), dtype=bool)
 MASK[2:6, 1:5] = True  # 16 of 64 pixels: area fraction 0.25
@@ -60,6 +60,25 @@ def test_pool_to_tokens_averages_each_patch_row_major():
     heatmap[0:4, 4:8] = 1.0  # top-right patch of a 2x2 grid
     heatmap[4:8, 0:2] = 1.0  # half of the bottom-left patch
     assert pool_to_tokens(heatmap, (2, 2)).tolist() == [0.0, 1.0, 0.5, 0.0]
+
+
+def test_object_patches_recall_and_precision_equal_a_literal_count():
+    rng = np.random.default_rng(3)
+    grid, patch = (3, 4), 5
+    mask = rng.random((15, 20)) < 0.3  # (H, W) = grid × patch
+    kept = torch.as_tensor(rng.random(12) < 0.5)
+    on_object, expected = object_patches(mask, grid), []
+    for row in range(3):
+        for col in range(4):
+            inside = mask[row * patch:(row + 1) * patch, col * patch:(col + 1) * patch].sum()
+            expected.append(inside / patch**2 >= 0.25)
+    assert on_object.tolist() == expected and 0 < sum(expected) < 12
+    hits = sum(k and o for k, o in zip(kept.tolist(), expected))
+    recall, precision = recall_precision(kept, on_object)
+    assert (recall, precision) == pytest.approx((hits / sum(expected), hits / int(kept.sum())))
+    assert object_patches(mask, grid, min_share=0.0).all()
+    with pytest.raises(ValueError, match="object patch"):
+        recall_precision(kept, torch.zeros(12, dtype=torch.bool))
 
 
 def test_keep_masks_remove_in_relevance_order():

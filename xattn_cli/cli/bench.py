@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from xattn_cli.cli import _options as opt
-from xattn_cli.eval import BASELINES, DEFAULT_SANITY_SCENES, DEFAULT_SCENES, HELD_OUT_SEED
-from xattn_cli.methods import MAP_EXPLAINERS, method_names
+from xattn_cli.eval import BASELINES, DEFAULT_SANITY_SCENES, DEFAULT_SCENES, HELD_OUT_SEED, PERTURBATIONS
+from xattn_cli.methods import MAP_EXPLAINERS, MASK_EXPLAINERS, method_names
 
 app = typer.Typer(help="Measure explanations: faithfulness against ground truth, and speed.",
                   no_args_is_help=True)
@@ -20,15 +21,19 @@ def _names(values: list[str] | None) -> list[str]:
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
 
 
+Perturb = Enum("Perturb", {name: name for name in PERTURBATIONS}, type=str)
+
+
 @app.command("quality")
 def quality(
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (images/, masks/, annotations.jsonl) [default: a generated held-out set].", show_default=False)] = None,
     models: Annotated[Optional[list[str]], typer.Option("--models", help="Models to measure; repeat or comma-separate [default: every bundled model].", show_default=False)] = None,
-    methods: Annotated[Optional[list[str]], typer.Option("--methods", help=f"{', '.join(method_names(MAP_EXPLAINERS))}, and the baselines {', '.join(BASELINES)}; repeat or comma-separate [default: all].", show_default=False)] = None,
+    methods: Annotated[Optional[list[str]], typer.Option("--methods", help=f"{', '.join(method_names(MAP_EXPLAINERS))}, and the baselines {', '.join(BASELINES)}; repeat or comma-separate [default: all these]. Also {', '.join(method_names(MASK_EXPLAINERS))} (learned token masks: ~100 model passes per target).", show_default=False)] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here as JSON (`xattn report` renders its folder).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the results here as a PNG.")] = None,
     scenes: Annotated[int, typer.Option("--scenes", min=1, help="Held-out scenes to generate (without --data).")] = DEFAULT_SCENES,
     seed: Annotated[int, typer.Option("--seed", help="Held-out stream (without --data).")] = HELD_OUT_SEED,
+    perturb: Annotated[Perturb, typer.Option("--perturb", help="How perturbation removes tokens: black out their patches (pixels), or mask their keys in every attention layer, as `xattn mask` does (attention).")] = Perturb.pixels,
     sanity: Annotated[bool, typer.Option("--sanity", help="Also randomise the vision blocks from the top and report how much each method's maps change (Spearman ρ); flag those that do not.")] = False,
     sanity_scenes: Annotated[int, typer.Option("--sanity-scenes", min=1, help="Scenes used by --sanity.")] = DEFAULT_SANITY_SCENES,
     resamples: Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples for the 95% intervals.")] = 1000,
@@ -42,7 +47,7 @@ def quality(
 
     from xattn_cli.cli._run import EXIT_ITEMS_FAILED, fail
     from xattn_cli.errors import UsageError
-    from xattn_cli.eval.quality import METHODS, default_models, format_tables, run_quality
+    from xattn_cli.eval.quality import DEFAULT_METHODS, default_models, format_tables, run_quality
     from xattn_cli.device import resolve_device
     from xattn_cli.io.outputs import atomic_write_bytes
 
@@ -52,9 +57,9 @@ def quality(
 
     torch.set_num_threads(threads)
     try:
-        result = run_quality(_names(models) or default_models(), _names(methods) or METHODS, data=data, scenes=scenes,
-                             seed=seed, device=resolve_device(device), resamples=resamples,
-                             sanity_scenes=sanity_scenes if sanity else 0, log=log)
+        result = run_quality(_names(models) or default_models(), _names(methods) or DEFAULT_METHODS, data=data,
+                             scenes=scenes, seed=seed, perturb=perturb.value, device=resolve_device(device),
+                             resamples=resamples, sanity_scenes=sanity_scenes if sanity else 0, log=log)
     except UsageError as error:
         raise fail(str(error)) from None
     typer.echo(format_tables(result))

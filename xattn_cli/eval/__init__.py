@@ -7,3 +7,4 @@ HELD_OUT_SEED = 40_000  # the held-out shapes stream: no training run or benchma
 DEFAULT_SCENES = 100  # all bundled models × methods + baselines in about 4 minutes on 2 CPU cores
 DEFAULT_SANITY_SCENES = 12
 BASELINES = ("random", "centre")
+PERTURBATIONS = ("pixels", "attention")  # `bench quality --perturb`: black out patches, or mask attention keys

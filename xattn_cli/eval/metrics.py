@@ -57,6 +57,20 @@ def pool_to_tokens(heatmap: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(image, grid).flatten()  # (gh·gw,)
 
 
+def object_patches(mask: np.ndarray, grid: tuple[int, int], min_share: float = 0.25) -> torch.Tensor:
+    """(H, W) bool mask → (gh·gw,) bool: the patches with at least `min_share` of their pixels inside it."""
+    return pool_to_tokens(mask.astype(np.float32), grid) >= min_share
+
+
+def recall_precision(kept: torch.Tensor, on_object: torch.Tensor) -> tuple[float, float]:
+    """(N,) bool kept patches and (N,) bool object patches → (share of the object's patches kept, share of the
+    kept patches on the object). Raises ValueError when either set is empty."""
+    if not kept.any() or not on_object.any():
+        raise ValueError("recall and precision need a kept patch and an object patch")
+    hits = float((kept & on_object).sum())
+    return hits / float(on_object.sum()), hits / float(kept.sum())
+
+
 def keep_masks(relevance: torch.Tensor, steps: Sequence[float], most_relevant_first: bool) -> torch.Tensor:
     """(N,) relevance → (S, N) bool: the tokens kept at each step, round(step·N) removed in relevance order.
 

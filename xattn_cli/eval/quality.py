@@ -8,9 +8,16 @@ target's ground truth is the union of the masks of the objects it names.
 
 Every (model, method) gets the metrics of `eval.metrics` per target, then means with 95% bootstrap
 intervals. `random` (iid noise) and `centre` (a Gaussian bump at the image centre) are floor baselines
-that look at no model. The perturbation score is the classifier's probability of the target label
-(sigmoid for multi-label models), or the CLIP model's softmax probability of the target caption among
-all captions of the data (prompt ensemble), on the input with tokens removed.
+that look at no model. Token masks (`mask`, measured on request: they optimise per target) are binary maps
+of their kept patches, so their pointing is the share of the kept area inside the object (tied maxima
+count in proportion) and perturbation removes the kept patches first, then the rest in index order.
+
+The perturbation score is the classifier's probability of the target label (sigmoid for multi-label
+models), or the CLIP model's softmax probability of the target caption among all captions of the data
+(prompt ensemble), on the input with tokens removed: their patches blacked out (`pixels`, as Chefer et
+al. zero pixels) or their keys masked in every attention layer of the vision tower, the CLS token kept
+(`attention`: `capture.TokenMask`, as `xattn mask` scores its kept and removed patches), which equals
+running the model on the kept tokens alone.
 
 Sanity (cascading randomisation, Adebayo et al. 2018): the vision tower's blocks are re-drawn from the
 top, one more at each step (each parameter from a normal with the parameter's own mean and std), and
@@ -31,17 +38,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xattn_cli.capture import TokenMask
 from xattn_cli.errors import ItemError, UsageError
-from xattn_cli.eval import BASELINES, DEFAULT_SCENES, HELD_OUT_SEED
+from xattn_cli.eval import BASELINES, DEFAULT_SCENES, HELD_OUT_SEED, PERTURBATIONS
 from xattn_cli.eval.metrics import (PERTURBATION_STEPS, bootstrap_ci, energy_in_mask, mean_threshold_miou,
                                     perturbation_auc, pointing, pool_to_tokens, remove_tokens, spearman)
 from xattn_cli.io.images import load_image
-from xattn_cli.methods import MAP_EXPLAINERS, method_names
+from xattn_cli.methods import MAP_EXPLAINERS, MASK_EXPLAINERS, METHODS as REGISTRY, method_names
 from xattn_cli.render import METRIC_LABELS
 from xattn_cli.world.shapes import Scene, SceneObject, scene_at
 
 SCENE_SIZE = 64  # the bundled models' input size
-METHODS = (*method_names(MAP_EXPLAINERS), *BASELINES)
+METHODS = (*method_names((*MAP_EXPLAINERS, *MASK_EXPLAINERS)), *BASELINES)
+DEFAULT_METHODS = (*method_names(MAP_EXPLAINERS), *BASELINES)  # the token masks take ~100 model passes a target
 METRICS = tuple(METRIC_LABELS)
 CONFIDENCE = 0.95
 SANITY_FLAG = 0.5  # mean Spearman with every block random at or above this: the maps ignore the model
@@ -106,40 +115,69 @@ def scene_targets(scene: Scene, target_of: Callable[[SceneObject], str]) -> list
 
 # --- what each model task contributes ---------------------------------------------------------------
 class Task:
-    """One model as the benchmark sees it: its methods, its targets, their maps and a target score."""
+    """One model as the benchmark sees it: its methods, its targets, their maps and a target score.
 
-    methods: tuple[str, ...]
+    perturb: how a perturbation step takes tokens out, one of `PERTURBATIONS` (see the module docstring).
+    """
 
-    def __init__(self, adapter, targets: Iterable[str]):
-        self.adapter = adapter
+    def __init__(self, adapter, targets: Iterable[str], perturb: str = "pixels"):
+        if perturb not in PERTURBATIONS:
+            raise UsageError(f"unknown perturbation {perturb!r} (one of {', '.join(PERTURBATIONS)})")
+        self.adapter, self.perturb = adapter, perturb
         height, width = adapter.native_size
         self.grid = (height // adapter.patch_size[0], width // adapter.patch_size[1])
         self.fill = -torch.tensor(adapter.mean) / torch.tensor(adapter.std)  # (3,) black after normalising
+        if perturb == "attention" and not set(MASK_EXPLAINERS) & set(adapter.layout.explainers):
+            raise UsageError(f"{adapter.name} takes no token masks; perturb its pixels instead")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The registered methods this benchmark measures that the model's layout takes."""
+        layout = self.adapter.layout
+        measured = tuple(kind for kind in layout.explainers if kind in (*MAP_EXPLAINERS, *MASK_EXPLAINERS))
+        return tuple(method_names(measured, layout.rule))
 
     @staticmethod
     def target_of(obj: SceneObject) -> str:
         raise NotImplementedError
 
-    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+    def explainer(self, method: str, targets: list[str]):
+        """The explainer that runs `method` for these targets."""
         raise NotImplementedError
 
-    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(S, 3, H, W) inputs → (S, C) probabilities over the model's targets."""
+    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+        return [target.map for target in self.explainer(method, targets).explain([image])[0]]
+
+    def outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(S, 3, H, W) inputs → (S, ...) what the model gives: logits, or normalised image embeddings."""
+        raise NotImplementedError
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        """`outputs` of S inputs → (S, C) probabilities over the model's targets."""
         raise NotImplementedError
 
     def index(self, target: str) -> int:
         raise NotImplementedError
 
+    def perturbed_outputs(self, pixels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`outputs` of the (3, H, W) input once per row of `keep` (S, N) bool, the removed tokens taken out."""
+        if self.perturb == "pixels":
+            return self.outputs(remove_tokens(pixels, keep, self.grid, self.fill.to(pixels.device)))  # (S, ...)
+        prefix = self.adapter.layout.prefix_tokens
+        kept = torch.cat([keep.new_ones(len(keep), prefix), keep], dim=1).to(pixels.dtype)  # (S, prefix + N)
+        sites = [site for site in self.adapter.attention_sites() if site.stream == "vision"]
+        with TokenMask(sites, kept, prefix=prefix):
+            return self.outputs(pixels.expand(len(keep), *pixels.shape))  # (S, ...)
+
     def scorers(self, image: Image.Image, targets: list[str]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Per target: (S, N) keep masks → (S,) its probability with the removed tokens' patches blacked out."""
+        """Per target: (S, N) keep masks → (S,) its probability with the removed tokens taken out."""
         pixels = self.adapter.preprocess([image], self.adapter.native_size)[0]  # (3, H, W)
-        fill = self.fill.to(pixels.device)
 
         def scorer(column: int) -> Callable[[torch.Tensor], torch.Tensor]:
             @torch.inference_mode()
             def score(keep: torch.Tensor) -> torch.Tensor:
-                perturbed = remove_tokens(pixels, keep.to(pixels.device), self.grid, fill)  # (S, 3, H, W)
-                return self.probabilities(perturbed)[:, column].float().cpu()  # (S,)
+                outputs = self.perturbed_outputs(pixels, keep.to(pixels.device))
+                return self.probabilities(outputs)[:, column].float().cpu()  # (S,)
 
             return memoised(score)
 
@@ -162,10 +200,8 @@ def memoised(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.T
 
 
 class ClipTask(Task):
-    methods = tuple(method_names(MAP_EXPLAINERS, "self"))
-
-    def __init__(self, adapter, targets: Iterable[str]):
-        super().__init__(adapter, targets)
+    def __init__(self, adapter, targets: Iterable[str], perturb: str = "pixels"):
+        super().__init__(adapter, targets, perturb)
         self.vocabulary = sorted(targets)
         self.text_features = adapter.text_embeddings(self.vocabulary)  # (C, E), normalised
 
@@ -173,27 +209,31 @@ class ClipTask(Task):
     def target_of(obj: SceneObject) -> str:
         return obj.caption
 
-    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+    def explainer(self, method: str, targets: list[str]):
+        from xattn_cli.explainers.mask import MaskExplainer
         from xattn_cli.explainers.relevancy import ClipRelevancy
         from xattn_cli.explainers.surgery import SurgeryExplainer
 
-        explainer = (SurgeryExplainer(self.adapter, targets) if method == "surgery"
-                     else ClipRelevancy(self.adapter, targets, method=method))
-        return [target.map for target in explainer.explain([image])[0]]
+        kind = REGISTRY[method].explainer
+        if kind == "surgery":
+            return SurgeryExplainer(self.adapter, targets)
+        if kind == "mask":
+            return MaskExplainer(self.adapter, texts=targets)
+        return ClipRelevancy(self.adapter, targets, method=method)
 
-    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        image = F.normalize(self.adapter.encode_image(pixels), dim=-1)  # (S, E)
-        return (self.adapter.logit_scale * image @ self.text_features.T).softmax(dim=-1)  # (S, C)
+    def outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter.encode_image(pixels), dim=-1)  # (S, E)
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return (self.adapter.logit_scale * outputs @ self.text_features.T).softmax(dim=-1)  # (S, C)
 
     def index(self, target: str) -> int:
         return self.vocabulary.index(target)
 
 
 class ClassifierTask(Task):
-    methods = tuple(method_names("relevancy", "self"))
-
-    def __init__(self, adapter, targets: Iterable[str]):
-        super().__init__(adapter, targets)
+    def __init__(self, adapter, targets: Iterable[str], perturb: str = "pixels"):
+        super().__init__(adapter, targets, perturb)
         for target in targets:
             adapter.target_index(target)  # a label the model lacks is a usage error, before any work
 
@@ -201,15 +241,19 @@ class ClassifierTask(Task):
     def target_of(obj: SceneObject) -> str:
         return obj.shape
 
-    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+    def explainer(self, method: str, targets: list[str]):
+        from xattn_cli.explainers.mask import MaskExplainer
         from xattn_cli.explainers.relevancy import ClassifierRelevancy
 
-        explainer = ClassifierRelevancy(self.adapter, method=method, targets=targets)
-        return [target.map for target in explainer.explain([image])[0]]
+        if REGISTRY[method].explainer == "mask":
+            return MaskExplainer(self.adapter, targets=targets)
+        return ClassifierRelevancy(self.adapter, method=method, targets=targets)
 
-    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        logits = self.adapter.classify(pixels)  # (S, C)
-        return logits.sigmoid() if self.adapter.multi_label else logits.softmax(dim=-1)
+    def outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.adapter.classify(pixels)  # (S, C) logits
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.sigmoid() if self.adapter.multi_label else outputs.softmax(dim=-1)
 
     def index(self, target: str) -> int:
         return self.adapter.target_index(target)
@@ -218,11 +262,11 @@ class ClassifierTask(Task):
 TASKS: dict[str, type[Task]] = {"image-text": ClipTask, "classify": ClassifierTask}  # by `Layout.task`
 
 
-def task_for(adapter, scenes: Scenes) -> Task:
+def task_for(adapter, scenes: Scenes, perturb: str = "pixels") -> Task:
     kind = TASKS.get(adapter.layout.task)
     if kind is None:
         raise _unsupported(adapter.name, adapter.layout.task)
-    return kind(adapter, {kind.target_of(obj) for _, scene in scenes for obj in scene.objects})
+    return kind(adapter, {kind.target_of(obj) for _, scene in scenes for obj in scene.objects}, perturb)
 
 
 def _unsupported(model: str, task: str) -> UsageError:
@@ -335,10 +379,13 @@ def sanity_cascade(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[s
     return curves
 
 
-def check_names(models: Sequence[str], methods: Sequence[str]) -> None:
-    """Unknown models or methods, and models whose task the benchmark lacks, are usage errors before any work."""
+def check_names(models: Sequence[str], methods: Sequence[str], perturb: str = "pixels") -> None:
+    """Unknown models, methods or perturbations, and models whose task the benchmark lacks, are usage errors
+    before any work."""
     from xattn_cli.models.registry import resolve
 
+    if perturb not in PERTURBATIONS:
+        raise UsageError(f"unknown perturbation {perturb!r} (one of {', '.join(PERTURBATIONS)})")
     if not models:
         raise UsageError("no bundled model with weights to measure; name the models to measure")
     unknown = [method for method in methods if method not in METHODS]
@@ -359,12 +406,13 @@ def default_models() -> list[str]:
 
 
 def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Path | None = None,
-                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, device: str = "cpu", resamples: int = 1000,
-                sanity_scenes: int = 0, log: Callable[[str], None] = lambda line: None) -> dict:
+                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, perturb: str = "pixels", device: str = "cpu",
+                resamples: int = 1000, sanity_scenes: int = 0, log: Callable[[str], None] = lambda line: None) -> dict:
     """The whole benchmark as a JSON-ready dict (see `format_tables` for the columns).
 
     Args:
         data: a dataset folder; None generates `scenes` held-out scenes of stream `seed`.
+        perturb: how perturbation takes tokens out, "pixels" or "attention" (see the module docstring).
         sanity_scenes: with N > 0, also the randomisation cascade on the first N scenes.
     Methods that do not apply to a model (surgery on a classifier) are skipped for it, with a log line.
     Raises UsageError for unknown names and bad data, before any model runs.
@@ -372,12 +420,12 @@ def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Pa
     from xattn_cli import __version__
     from xattn_cli.models.registry import load_model
 
-    check_names(models, methods)
+    check_names(models, methods, perturb)
     started = time.perf_counter()
     scene_list = load_dataset(data) if data is not None else held_out_scenes(scenes, seed)
     rows, sanity = [], []
     for name in models:
-        task = task_for(load_model(name, device=device), scene_list)
+        task = task_for(load_model(name, device=device), scene_list, perturb)
         chosen = [method for method in methods if method in task.methods or method in BASELINES]
         skipped = [method for method in methods if method not in chosen]
         if skipped:
@@ -399,7 +447,7 @@ def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Pa
                        for method, curve in curves.items()]
     source = str(data) if data is not None else f"held-out shapes world, seed {seed}"
     return {"benchmark": "quality", "xattn": __version__, "data": source, "scenes": len(scene_list),
-            "steps": list(PERTURBATION_STEPS), "resamples": resamples, "confidence": CONFIDENCE,
+            "steps": list(PERTURBATION_STEPS), "perturb": perturb, "resamples": resamples, "confidence": CONFIDENCE,
             "rows": rows, "sanity": {"scenes": min(sanity_scenes, len(scene_list)), "flag_at": SANITY_FLAG,
                                      "rows": sanity} if sanity_scenes else None,
             "elapsed_s": round(time.perf_counter() - started, 1)}

@@ -44,7 +44,11 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
 )}
 
 MAP_EXPLAINERS = ("surgery", "relevancy")
-"""The commands whose methods give graded maps, the ones `bench` measures (`mask` joins with issue 16 item 6)."""
+"""The commands whose methods give graded maps: what `bench perf` times and `bench quality` measures by default."""
+
+MASK_EXPLAINERS = ("mask",)
+"""The commands whose methods give binary maps (a fixed budget of kept patches, optimised per target);
+`bench quality` measures them on request."""
 
 
 def method_names(explainer: str | tuple[str, ...] | None = None, rule: str | None = None) -> list[str]:
