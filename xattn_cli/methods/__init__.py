@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from xattn_cli.errors import UsageError
 
-RULES = ("self", "bimodal", "joint", "encoder-decoder")
+RULES = ("self", "bimodal", "joint", "encoder-decoder", "causal")
 """How relevance propagates through a model's attention (an adapter's `layout.rule`): `self` per stream
 (ViT, CLIP towers), `bimodal` two streams with cross attention (LXMERT), `joint` one stream over words and
-regions (VisualBERT), `encoder-decoder` (DETR)."""
+regions (VisualBERT), `encoder-decoder` (DETR), `causal` question, regions and dictionary entries through
+causal attention (CATT, `methods/causal.py`; no model uses it yet)."""
 
 RESIDUAL_RULES = ("guarded", "official")
 """Eqs. 8+9 on a row of R − I that sums to zero: `guarded` leaves it at zero (R̄ row = identity row);
