@@ -21,6 +21,31 @@ def load_model(name: str, pretrained: str | None = None, device: str = "auto"):
     return _load_model(name, pretrained, resolve_device(device))
 
 
+def build_explainer(method: str, *, model: str, pretrained: str | None = None, device: str = "auto",
+                    texts: Sequence[str] = (), **options):
+    """The explainer that `surgery`, `relevancy` or `mask` runs for `method` (see `xattn_cli.methods.METHODS`),
+    with its model loaded, for callers that drive the batch loop themselves (`xattn_cli.integrations.ray`).
+    `options` are those keyword arguments of that function; mask's `keep_ratio` and `steps` included."""
+    from xattn_cli.methods import METHODS
+
+    kind = METHODS[method].explainer if method in METHODS else "relevancy"  # which refuses it, naming the model's
+    adapter = load_model(model, pretrained, device)
+    if kind == "surgery":
+        from xattn_cli.explainers.surgery import SurgeryExplainer
+
+        return SurgeryExplainer(adapter, texts, **options)
+    if kind == "mask":
+        from xattn_cli.explainers.mask import MaskExplainer
+        from xattn_cli.methods.token_mask import MaskSettings
+
+        settings = MaskSettings(ratio=options.pop("keep_ratio", MaskSettings.ratio),
+                                steps=options.pop("steps", MaskSettings.steps))
+        return MaskExplainer(adapter, texts=texts, settings=settings, **options)
+    from xattn_cli.explainers import build_relevancy
+
+    return build_relevancy(adapter, method=method, texts=texts, **options)
+
+
 def _explain(explainer, images: Sequence[str | Path | Image.Image], batch_size: int) -> list[Explanation]:
     from xattn_cli.runner import explained
 
@@ -50,11 +75,8 @@ def surgery(images: Sequence[str | Path | Image.Image], texts: Sequence[str], *,
     Returns:
         One `Explanation` per image, with `.maps` (K, H, W) in [0, 1] and `.scores` (cosine similarity).
     """
-    from xattn_cli.explainers.surgery import SurgeryExplainer
-
-    adapter = load_model(model, pretrained, device)
-    explainer = SurgeryExplainer(adapter, texts, ensemble=ensemble, size=size, blocks=blocks, points=points,
-                                 text_cache=text_cache)
+    explainer = build_explainer("surgery", model=model, pretrained=pretrained, device=device, texts=texts,
+                                ensemble=ensemble, size=size, blocks=blocks, points=points, text_cache=text_cache)
     return _explain(explainer, images, batch_size)
 
 
@@ -91,10 +113,6 @@ def mask(images: Sequence[str | Path | Image.Image], *, model: str = "shapes-vit
         One `Explanation` per image, with `.maps` (K, H, W) binary (1 = kept) and `.scores`; each target's
         `extra` holds kept, kept_threshold, kept_tokens, score_kept, score_removed, steps and seed.
     """
-    from xattn_cli.explainers.mask import MaskExplainer
-    from xattn_cli.methods.token_mask import MaskSettings
-
-    adapter = load_model(model, pretrained, device)
-    explainer = MaskExplainer(adapter, targets=targets, texts=texts, settings=MaskSettings(ratio=keep_ratio, steps=steps),
-                              seed=seed)
+    explainer = build_explainer("mask", model=model, pretrained=pretrained, device=device, texts=texts,
+                                targets=targets, keep_ratio=keep_ratio, steps=steps, seed=seed)
     return _explain(explainer, images, batch_size)
