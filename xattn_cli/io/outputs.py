@@ -50,9 +50,11 @@ def atomic_save_png(path: str | Path, image: Image.Image) -> None:
     _atomic_write(path, lambda file: image.save(file, format="PNG"))
 
 
-OVERLAY_ENCODINGS = {"png": ("PNG", {"compress_level": 1}), "jpg": ("JPEG", {"quality": 90})}
+Z_RLE = 3  # zlib's run-length strategy
+OVERLAY_ENCODINGS = {"png": ("PNG", {"compress_level": 1, "compress_type": Z_RLE}), "jpg": ("JPEG", {"quality": 90})}
 """Overlay file kind → PIL format and options. PNG level 1: a 224 px overlay encodes in about a third of
-the time of the default level 6 for a file about 1.4× larger (measured in issue 18)."""
+the time of the default level 6 for a file about 1.4× larger; zlib's run-length strategy then takes 30 %
+less time again and makes the file 15 % smaller (heatmap overlays are long runs; measured in issue 18)."""
 
 
 def atomic_save_overlay(path: str | Path, image: Image.Image, kind: str) -> None:
