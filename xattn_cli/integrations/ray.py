@@ -12,8 +12,9 @@
 Each result row is the record that `xattn surgery|relevancy|mask ... --format jsonl` writes for that image, with
 the same fields and values (a failed image gives the CLI's error record), so runs of either can be compared.
 No overlays are drawn (the CLI's `--overlays none`): each target's "overlay" is None. Maps are either
-returned in a "maps" column, one (K, H, W) float32 array per image, or, with `maps_dir`, written there as
-.npy files named by each target's "map" (the CLI's `--save-maps`). Rows come back in no set order.
+returned in a "maps" column, one (K, H, W) float32 array per image (empty for a failed one), or, with
+`maps_dir`, written there as .npy files named by each target's "map" (the CLI's `--save-maps`). Rows come
+back in no set order.
 Needs `pip install "xattn-cli[ray]"`.
 """
 from __future__ import annotations
@@ -101,13 +102,13 @@ class ExplainBatch:
         for name, image, outcome, started in explained(self.explainer, items, self.batch_size):
             if isinstance(outcome, BaseException):
                 records.append(error_record(name, self.explainer, outcome))
-                maps.append(None)
+                maps.append(NO_MAPS)
                 continue
             try:
                 records.append(self._record(name, image, outcome, started))
             except OSError as error:  # a full or unwritable maps_dir: an error record, as in the CLI
                 records.append(error_record(name, self.explainer, error))
-                maps.append(None)
+                maps.append(NO_MAPS)
                 continue
             maps.append(np.stack([target.map for target in outcome]))  # (K, H, W)
         columns = {key: [record.get(key) for record in records] for key in _RECORD_KEYS}
@@ -143,6 +144,10 @@ class ExplainBatch:
                 "size": [image.width, image.height], "targets": entries,
                 "meta": {**self.meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}}
 
+
+NO_MAPS = np.zeros((0, 0, 0), np.float32)
+"""The "maps" of an image that failed: an empty array, not None, which some Ray versions cannot put in one
+column with arrays."""
 
 _RECORD_KEYS = ("image", "status", "model", "method", "size", "targets", "meta", "error")
 """Every key of an ok or an error record: the columns of a result row (None where a record has no such key)."""
