@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import ray.data
+from PIL import Image
 
 from xattn_cli.errors import ItemError, UsageError
 from xattn_cli.io.images import DEFAULT_MAX_PIXELS, load_image, load_image_bytes
 from xattn_cli.io.outputs import atomic_save_npy, slugify
 from xattn_cli.methods import method_spec
+from xattn_cli.results import TargetMap
 
 DEFAULT_TORCH_THREADS = 1
 """Torch threads per actor. Ray runs `concurrency` actors side by side, each reserving this many CPUs;
@@ -116,7 +118,7 @@ class ExplainBatch:
             columns["maps"] = maps
         return columns
 
-    def _decoded(self, value: Any, name: Any) -> tuple[str, Any, ItemError | None]:
+    def _decoded(self, value: Any, name: Any) -> tuple[str, Image.Image | None, ItemError | None]:
         """(name, image, None) or (name, None, the ItemError the CLI would record)."""
         if name is None and isinstance(value, bytes):
             raise UsageError(f"column {self.image_column!r} holds bytes: give name_column= to name each image")
@@ -128,7 +130,7 @@ class ExplainBatch:
             return name, None, error
         return name, image, None
 
-    def _record(self, name: str, image, targets, started: float) -> dict[str, Any]:
+    def _record(self, name: str, image: Image.Image, targets: list[TargetMap], started: float) -> dict[str, Any]:
         """The record `runner.BatchRunner` writes for an ok image, with `--overlays none`."""
         entries = []
         for index, target in enumerate(targets):
