@@ -115,3 +115,21 @@ def test_bytes_need_a_name_column(scenes):
     image = (scenes / "000000.png").read_bytes()
     with pytest.raises(UsageError, match="name_column"):
         explain({"bytes": np.array([image], dtype=object)})
+
+
+def test_relevancy_and_mask_methods_run_as_the_api_does(scenes):
+    """The actor's explainer is the API's for every kind of method (here in this process, without Ray)."""
+    from xattn_cli import mask, relevancy
+
+    paths = [str(scenes / f"00000{index}.png") for index in range(3)]
+    for method, options, expected in (
+            ("chefer", {}, relevancy(paths, model="shapes-vit", method="chefer", device="cpu")),
+            ("mask", {"steps": 5}, mask(paths, model="shapes-vit", steps=5, device="cpu"))):
+        explain = ExplainBatch(method=method, model="shapes-vit", pretrained=None, texts=[], options=options,
+                               device="cpu", torch_threads=1, batch_size=8, image_column="image", name_column=None,
+                               max_pixels=10**6, maps_dir=None)
+        columns = explain({"image": np.array(paths)})
+        assert columns["image"] == paths and columns["status"] == ["ok"] * 3
+        for targets, maps, result in zip(columns["targets"], columns["maps"], expected):
+            assert [target["score"] for target in targets] == [target.to_json()["score"] for target in result.targets]
+            np.testing.assert_allclose(maps, result.maps, atol=1e-6)
