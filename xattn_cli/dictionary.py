@@ -15,13 +15,16 @@ File (format `xattn-dictionary/1`):
     member_crops  (K, M, S, S, 3) uint8 image crops of those regions
     metadata: format, names (JSON list of image names), and free-form strings (model, feature, seed, ...)
 
-No model or CLI knowledge here: callers hand in the points, where they came from, and the crops.
+No model or CLI knowledge here: callers hand in the points, where they came from, and the crops, or a
+function from images to the tokens a causal attention reads (`build_dictionary`, what `xattn dictionary
+build` and the shapes-catt recipe run).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -212,3 +215,93 @@ def load_dictionary(path: str | Path, *, k: int | None = None, dim: int | None =
     if tuple(dictionary.entries.shape) != wanted:
         raise UsageError(f"{path} holds {tuple(dictionary.entries.shape)} entries, this model needs {wanted}")
     return dictionary
+
+
+@dataclass
+class Tokens:
+    """Real region tokens gathered from images: (N, D) points, each one's image row and region index, and the
+    region's box (fractions of the image)."""
+
+    points: torch.Tensor  # (N, D) float32
+    sources: torch.Tensor  # (N, 2) int64: image row in `names`, region index
+    boxes: torch.Tensor  # (N, 4) float32
+    names: list[str]
+    paths: list[str]
+
+    def subset(self, index: torch.Tensor) -> "Tokens":
+        """The tokens at `index` (M,), image names and paths kept whole."""
+        return Tokens(self.points[index], self.sources[index], self.boxes[index], self.names, self.paths)
+
+
+def gather_tokens(features_of: Callable, paths: Sequence[str], names: Sequence[str], *, batch_size: int = 32,
+                  load: Callable | None = None, on_error: Callable[[str, BaseException], None] = lambda *_: None
+                  ) -> Tokens:
+    """`features_of(images)` → regions (features (B, R, D), boxes (B, R, 4), mask (B, R)) over `paths` in
+    batches; only real regions are kept. An image `load(path)` cannot read (an `ItemError`) goes to
+    `on_error(path, error)` and is skipped."""
+    from xattn_cli.errors import ItemError
+    from xattn_cli.io.images import load_image
+
+    load = load or load_image
+    points, sources, boxes, kept_names, kept_paths = [], [], [], [], []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path, name in zip(paths[start:start + batch_size], names[start:start + batch_size]):
+            try:
+                images.append(load(path))
+            except ItemError as error:
+                on_error(path, error)
+                continue
+            kept_names.append(name)
+            kept_paths.append(path)
+        if not images:
+            continue
+        regions = features_of(images)
+        first_row = len(kept_names) - len(images)
+        for b in range(len(images)):
+            real = torch.nonzero(regions.mask[b] > 0).flatten().cpu()  # (n,)
+            points.append(regions.features[b].detach().float().cpu()[real])  # (n, D)
+            boxes.append(regions.boxes[b].detach().float().cpu()[real])  # (n, 4)
+            sources.append(torch.stack([torch.full_like(real, first_row + b), real], dim=1))  # (n, 2)
+    if not points:
+        return Tokens(torch.zeros(0, 0), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 4), [], [])
+    return Tokens(torch.cat(points), torch.cat(sources), torch.cat(boxes), kept_names, kept_paths)
+
+
+def build_dictionary(tokens: Tokens, k: int, *, seed: int = 0, iters: int = 100, members: int = 3,
+                     max_points: int | None = None, crop_size: int = 16, load: Callable | None = None,
+                     info: dict[str, str] | None = None) -> DictionaryFile:
+    """k-means of `tokens` (a seeded random subset of `max_points` when there are more) into a dictionary
+    file, its entries described by `describe_entries` over the clustered points."""
+    if max_points is not None and tokens.points.shape[0] > max_points:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = tokens.subset(torch.randperm(tokens.points.shape[0], generator=generator)[:max_points].sort().values)
+    if not 1 <= k <= tokens.points.shape[0]:
+        raise UsageError(f"cannot make {k} dictionary entries from {tokens.points.shape[0]} region tokens")
+    result = kmeans(tokens.points, k, seed=seed, iters=iters)
+    described = {**(info or {}), "k": str(k), "seed": str(seed), "inertia": f"{result.inertia:.6g}"}
+    return describe_entries(tokens, result.centroids.float(), members=members, crop_size=crop_size, load=load,
+                            info=described)
+
+
+def describe_entries(tokens: Tokens, entries: torch.Tensor, *, members: int = 3, crop_size: int = 16,
+                     load: Callable | None = None, info: dict[str, str] | None = None) -> DictionaryFile:
+    """A dictionary file of `entries` (K, D) described by `tokens`: each entry's count (the tokens nearest
+    to it), its `members` nearest tokens (image row, region) and their crops, re-read from the images with
+    `load` (default: image files)."""
+    from xattn_cli.io.images import load_image
+
+    load = load or load_image
+    entries = entries.detach().float().cpu()
+    labels, _ = _nearest(tokens.points, entries.double(), 65536)
+    nearest = nearest_points(tokens.points, entries, min(members, tokens.points.shape[0]))  # (K, M)
+    images: dict[int, Image.Image] = {}
+    crops = []
+    for index in nearest.flatten().tolist():
+        row = int(tokens.sources[index, 0])
+        if row not in images:
+            images[row] = load(tokens.paths[row])
+        crops.append(region_crop(images[row], tuple(tokens.boxes[index].tolist()), crop_size))
+    crops = torch.stack(crops).view(*nearest.shape, crop_size, crop_size, 3)  # (K, M, S, S, 3)
+    return DictionaryFile(entries, torch.bincount(labels, minlength=entries.shape[0]), tokens.sources[nearest], crops,
+                          tokens.names, {**(info or {}), "points": str(tokens.points.shape[0])})

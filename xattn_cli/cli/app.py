@@ -10,6 +10,7 @@ import typer
 
 from xattn_cli import __version__
 from xattn_cli.cli import bench as bench_cli
+from xattn_cli.cli import dictionary as dictionary_cli
 from xattn_cli.cli import mask as mask_cli
 from xattn_cli.cli import merge as merge_cli
 from xattn_cli.cli import models as models_cli
@@ -50,6 +51,7 @@ app.command("report")(report_cli.report)
 app.command("merge")(merge_cli.merge)
 app.add_typer(world_cli.app, name="world")
 app.add_typer(bench_cli.app, name="bench")
+app.add_typer(dictionary_cli.app, name="dictionary")
 
 
 def main() -> None:

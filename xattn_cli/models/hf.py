@@ -58,6 +58,10 @@ def require_tokenizer_files(location: str, kind: str) -> None:
 def _load_by_family(location: str):
     import transformers
 
+    from xattn_cli.models.catt import is_catt_folder, load_catt_folder
+
+    if is_catt_folder(location):  # not a transformers model: xattn's own folder of the same shape
+        return load_catt_folder(location)
     try:
         config = transformers.AutoConfig.from_pretrained(location)
     except Exception as error:

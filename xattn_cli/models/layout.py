@@ -34,5 +34,6 @@ LAYOUTS = {
     "vit": Layout("classify", "self", ("relevancy", "mask")),
     "lxmert": Layout("vqa", "bimodal", ("relevancy",), prefix_tokens=0, visual="regions"),
     "visualbert": Layout("vqa", "joint", ("relevancy",), prefix_tokens=0, visual="regions"),
+    "catt": Layout("vqa", "causal", ("relevancy",), prefix_tokens=0, visual="regions"),
     "detr": Layout("detect", "encoder-decoder", ("relevancy",), prefix_tokens=0),
 }

@@ -113,7 +113,7 @@ for _name in ("vit", "lxmert", "visualbert", "detr"):
 
 
 @register_model("hf", "auto", "Hugging Face model folder or repo; the family comes from "
-                "its config: clip, vit, lxmert, visualbert (--question), detr (detections)", prefix=True)
+                "its config: clip, vit, lxmert, visualbert (--question), detr (detections); or a CATT model folder", prefix=True)
 def hf_model(location: str, pretrained: str | None = None, *, trust_checkpoint: bool = False):
     from xattn_cli.models.hf import load_hf
 

@@ -32,7 +32,7 @@ from xattn_cli.device import flush_denormals
 from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions, build_region_vqa
 from xattn_cli.text import WordTokenizer
 from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, storage_dtype
-from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
+from xattn_cli.world.shapes import COLORS, FREE, SHAPES, ColourRule, scene_at
 
 ANSWERS = [*COLORS, *SHAPES, "yes", "no"]
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -63,13 +63,13 @@ def build_adapter(cfg: dict, family: str, tokenizer):
     return build_region_vqa(family, cfg, tokenizer, ANSWERS)
 
 
-def training_batch(step: int, batch_size: int, source: GridRegions, size: int):
-    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1, one question of each, answer indices (B,), and
-    the cells' shape and colour labels (B, R, 2)."""
+def training_batch(step: int, batch_size: int, source: GridRegions, size: int, colour_rule: ColourRule = FREE):
+    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1 (drawn under `colour_rule`), one question of each,
+    answer indices (B,), and the cells' shape and colour labels (B, R, 2)."""
     rng = np.random.default_rng([TRAIN_SEED, step, 7])
     images, questions, answers, cells = [], [], [], []
     for index in range(step * batch_size, (step + 1) * batch_size):
-        scene = scene_at(TRAIN_SEED, index, size=size)
+        scene = scene_at(TRAIN_SEED, index, size=size, colour_rule=colour_rule)
         qa = scene.qa[int(rng.integers(len(scene.qa)))]
         images.append(scene.image)
         questions.append(qa["question"])
