@@ -164,7 +164,7 @@ def test_base_model_records_no_entries(folders, tmp_path):
     from xattn_cli.models.registry import load_model
 
     adapter = load_model(f"hf:{folders['base']}")
-    image = Image.open(sorted((folders["scenes"] / "images").glob("0*.png"))[0])
+    image = Image.open(min((folders["scenes"] / "images").glob("0*.png")))
     [[target]] = VqaRelevancy(adapter, [QUESTION]).explain([image])
     assert target.extra["dictionary"] == [] and target.extra["dictionary_share"] == 0.0
     assert len(target.extra["regions"]) == 16
@@ -198,3 +198,19 @@ def test_folder_errors(folders, tmp_path):
     (wrong / "vocab.txt").unlink()
     with pytest.raises(UsageError, match="no vocab.txt"):
         load_model(f"hf:{wrong}")
+
+
+def test_last_layer_methods(folders):
+    """raw and attn-gradcam through the causal branch; under raw every attention row sums to 1, so regions and
+    entries get the same total (methods/causal.py) and the dictionary share is 1/2."""
+    from PIL import Image
+
+    from xattn_cli.explainers.vqa import VqaRelevancy
+    from xattn_cli.models.registry import load_model
+
+    adapter = load_model(f"hf:{folders['catt']}")
+    image = Image.open(min((folders["scenes"] / "images").glob("0*.png")))
+    [[raw]] = VqaRelevancy(adapter, [QUESTION], method="raw").explain([image])
+    assert raw.extra["dictionary_share"] == pytest.approx(0.5, abs=1e-6) and len(raw.extra["dictionary"]) == 5
+    [[gradcam]] = VqaRelevancy(adapter, [QUESTION], method="attn-gradcam").explain([image])
+    assert 0 <= gradcam.extra["dictionary_share"] <= 1 and len(gradcam.extra["regions"]) == 16
