@@ -137,4 +137,4 @@ class VqaRelevancy(Explainer):
         relevance given to regions and entries together."""
         to_entries, total = float(entry_row.sum()), float(region_row.sum() + entry_row.sum())
         return {"dictionary": self.adapter.dictionary_entries(entry_row),
-                "dictionary_share": round(to_entries / total, 6) if total > 0 else 0.0}
+                "dictionary_share": float(f"{to_entries / total:.6g}") if total > 0 else 0.0}

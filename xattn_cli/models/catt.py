@@ -177,7 +177,7 @@ class CattAdapter(RegionVqaAdapter):
         order = relevance.detach().float().cpu().argsort(descending=True, stable=True)[:top]
         entries = []
         for entry in order.tolist():
-            item = {"entry": entry, "relevance": round(float(relevance[entry]), 6)}
+            item = {"entry": entry, "relevance": float(f"{float(relevance[entry]):.6g}")}  # 6 significant digits
             if self.dictionary is not None:
                 members = self.dictionary.members[entry].tolist()
                 item["count"] = int(self.dictionary.counts[entry])
