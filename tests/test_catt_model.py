@@ -195,6 +195,9 @@ def test_folder_errors(folders, tmp_path):
                                    ["x.png"]))
     with pytest.raises(UsageError, match=r"holds \(5, 16\) entries, this model needs \(6, 16\)"):
         load_model(f"hf:{wrong}")
+    adapter = load_model(f"hf:{folders['catt']}")
+    with pytest.raises(UsageError, match="a question of 34 tokens"):
+        adapter.tokenize(["star " * 32])
     (wrong / "vocab.txt").unlink()
     with pytest.raises(UsageError, match="no vocab.txt"):
         load_model(f"hf:{wrong}")

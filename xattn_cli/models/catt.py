@@ -135,6 +135,14 @@ class CattAdapter(RegionVqaAdapter):
         self.answers = list(model.config["answers"])
         self.dictionary = dictionary  # a `dictionary.DictionaryFile` whose members explain the entries, or None
 
+    def tokenize(self, questions: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = super().tokenize(questions)
+        longest, most = batch["input_ids"].shape[1], self.model.config["max_tokens"]
+        if longest > most:
+            raise UsageError(f"a question of {longest} tokens ([CLS] and [SEP] included) is longer than the "
+                             f"{most} {self.name} reads")
+        return batch
+
     def answer_logits(self, batch: dict[str, torch.Tensor], regions: Regions) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["attention_mask"], regions.features, regions.boxes,
                           regions.mask)  # (B, answers)
