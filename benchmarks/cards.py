@@ -1,4 +1,5 @@
-"""Render the figure tables of the model cards from the benchmark JSON; the prose stays hand-written.
+"""Render the figure tables of the model cards and benchmarks/mask.md from the benchmark JSON; the prose stays
+hand-written.
 
     python benchmarks/cards.py           # rewrite the tables of every card in place
     python benchmarks/cards.py --check   # exit 1, naming the cards, where a table differs from its JSON
@@ -71,6 +72,39 @@ def _vqa_rows(model: str, chefer: str, raw: str, gradcam: str) -> list[Row]:
     ]
 
 
+def _interval(figure: dict[str, float], target: float | None = None) -> str:
+    """`mean [low, high]`; with a target, bold with "(target ≥ T)" and "not met" when the mean is below."""
+    text = f"{figure['mean']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}]"
+    if target is None:
+        return text
+    return f"**{text}** (target ≥ {target:.2f}" + ("" if figure["mean"] >= target else ": **not met**") + ")"
+
+
+def mask_table(model: str, rows: list[tuple[str, str, float | None]], decided: str,
+               gain: tuple[str, str, float | None]) -> Callable[[dict], str]:
+    """benchmarks/mask.md: per (label, figure, target on the mask) the learned mask beside Chefer's top 25 %,
+    then a sufficiency gain over Chefer (figure, over which targets, target), MEAT's threshold-rule fraction,
+    the run's size and cost."""
+    def render(result: dict) -> str:
+        figures = result["models"][model]
+        lines = ["| figure | learned mask | Chefer top 25 % |", "| --- | --- | --- |"]
+        for label, key, target in rows:
+            lines.append(f"| {label} | {_interval(figures['mask'][key], target)} | "
+                         f"{_interval(figures['chefer'][key])} |")
+        gain_key, population, gain_target = gain
+        lines += [f"| sufficiency gain over Chefer, paired over {population} | "
+                  f"{_interval(figures[gain_key], gain_target)} | |",
+                  f"| kept fraction under MEAT's rule (margin > 0) | {_interval(figures['kept_threshold'])} | |",
+                  "",
+                  f"{result['scenes']} scenes, {figures['targets']} targets, {figures['decided']} {decided}; "
+                  f"λ = {result['keep_ratio']}, {result['steps']} steps, seed {result['seed']}; "
+                  f"{figures['elapsed_s']:.0f} s; the recomputed mask scores lie within "
+                  f"{figures['recorded_score_difference']:.1e} of the `score_kept`/`score_removed` `xattn mask` "
+                  "records."]
+        return "\n".join(lines) + "\n"
+    return render
+
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
@@ -106,6 +140,25 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
         row("per-detection pointing, attention Grad-CAM (the same attention, gradient-weighted heads)",
             "shapes-detr pointing attn-gradcam"),
     ]))},
+    "benchmarks/mask.md": {
+        "shapes-vit": ("mask.json", mask_table("shapes-vit", [
+            ("sufficiency: the kept patches alone keep the logit > 0", "sufficiency", 0.95),
+            ("complement: with the kept patches removed the logit is ≤ 0", "complement", 0.85),
+            ("sufficiency over every target present", "sufficiency_all", None),
+            ("pointing (every target)", "pointing", None),
+            ("recall: object patches kept (every target)", "recall", None),
+            ("precision: kept patches on the object (every target)", "precision", None),
+        ], "targets predicted with every patch", ("sufficiency_gain", "the same predicted targets", 0.15))),
+        "shapes-clip": ("mask.json", mask_table("shapes-clip", [
+            ("the caption ranks first among the scene's captions with only the kept patches (every caption)",
+             "sufficiency_all", 0.85),
+            ("the same over the captions that rank first with every patch", "sufficiency", None),
+            ("complement: those captions no longer rank first with the kept patches removed", "complement", None),
+            ("pointing (every caption)", "pointing", None),
+            ("recall: object patches kept (every caption)", "recall", None),
+            ("precision: kept patches on the object (every caption)", "precision", None),
+        ], "captions ranked first with every patch", ("sufficiency_all_gain", "every caption", None))),
+    },
 }
 
 
