@@ -99,6 +99,19 @@ def browser_paths():
     pytest.skip("headless Chromium (Debian chromium + chromium-driver) and selenium are needed")
 
 
+def _started(start, attempts: int = 3):
+    """A Chromium session; its start is retried, since on a loaded machine Chromium can miss chromedriver's
+    start-up deadline ("DevToolsActivePort file doesn't exist"), which says nothing about the report."""
+    from selenium.common.exceptions import SessionNotCreatedException
+
+    for attempt in range(attempts):
+        try:
+            return start()
+        except SessionNotCreatedException:
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture
 def browser(tmp_path):
     chromium, driver_path = browser_paths()
@@ -107,12 +120,12 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = _started(lambda: webdriver.Chrome(service=Service(driver_path), options=options))
     try:
         yield driver
     finally:
