@@ -1,0 +1,230 @@
+"""Measure what causal attention (CATT, issue 17) does to a colour–shape confound: `shapes-catt` against
+`shapes-catt-base` (the same model without cross-sample attention, same initial weights and batches), per
+seed, on a neutral, a correlated and an anti-correlated split.
+
+    python -m xattn_cli.train.shapes_catt --out runs/catt-s0 --seed 0   # and seeds 1, 2 (25 min a seed)
+    python benchmarks/catt.py ../runs/catt-s0 ../runs/catt-s1 ../runs/catt-s2 --json catt.json
+    python benchmarks/cards.py   # then render catt.md's tables from catt.json
+
+Both models train on the `biased:0.9` colour rule (a shape wears its usual colour 90 % of the time). Splits:
+500 scenes each (64 px), every question of a scene: neutral (stream 12000, colours free, the training
+runs' held-out stream), correlated (stream 12001, `biased:1`: always the usual colour), anti (stream
+12002, `anti`: never the usual colour).
+
+- accuracy, overall and per kind of answer (colour, shape, yes/no); the **shortcut rate** on anti: of the
+  colour and shape questions, the share answered with the confounded partner (the shape's usual colour,
+  the colour's usual shape), which is never right there.
+- validity: the base model must lose ≥ 15 points from correlated to anti, or the experiment shows no bias.
+- Δ = CATT − base, per seed and split (paired: the same questions), mean ± sd over seeds, and a 95 %
+  percentile bootstrap interval over questions of the seeds' mean Δ. "No effect" unless |mean Δ| > 2 sd
+  and the interval excludes 0.
+- CS usage (is the cross-sample branch used at all?): CATT's accuracy with its CS-ATT output replaced by
+  the split's mean for each region position (mean ablation) and by zeros; the mean `dictionary_share` of
+  Chefer relevance (the share `xattn relevancy` reports) over the first `--share-scenes` scenes' questions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xattn_cli import __version__
+from xattn_cli.eval.metrics import bootstrap_ci
+from xattn_cli.explainers import build_relevancy
+from xattn_cli.methods.causal import CausalRelevance
+from xattn_cli.models.registry import load_model
+from xattn_cli.train.shapes_catt import BASE, CATT
+from xattn_cli.train.shapes_vqa import ANSWERS, answer_kind, answer_logits
+from xattn_cli.world.shapes import USUAL_COLOUR, USUAL_SHAPE, ColourRule, scene_at
+
+SPLITS = {"neutral": (12_000, "free"), "correlated": (12_001, "biased:1"), "anti": (12_002, "anti")}
+KINDS = ("colour", "shape", "yes_no")
+CHUNK = 256
+MIN_BIAS_GAP = 0.15
+RESAMPLES = 1000
+
+
+class Split:
+    """Every question of the first `count` scenes of one split: stem pixels, (scene, question, answer)
+    items and, per item, the answer the confound suggests (None for yes/no questions)."""
+
+    def __init__(self, name: str, count: int, size: int):
+        seed, rule = SPLITS[name]
+        self.name, self.rule = name, rule
+        self.scenes = [scene_at(seed, index, size=size, colour_rule=ColourRule.parse(rule)) for index in range(count)]
+        self.items = [(i, qa["question"], qa["answer"]) for i, scene in enumerate(self.scenes) for qa in scene.qa]
+        self.shortcuts = [shortcut(self.scenes[i], question) for i, question, _ in self.items]
+
+
+def shortcut(scene, question: str) -> str | None:
+    """The confounded partner a question invites: "what colour is the star?" → the star's usual colour,
+    "what shape is red?" → red's usual shape; None for yes/no questions."""
+    words = question.rstrip("?").split()
+    if question.startswith("what colour is the"):
+        return USUAL_COLOUR[words[-1]]
+    if question.startswith("what shape is"):
+        return USUAL_SHAPE[words[-1]]
+    return None
+
+
+@contextmanager
+def replaced_cross_sample(adapter, replacement: torch.Tensor | None):
+    """CS-ATT's output replaced by `replacement` (R, dim), broadcast over the batch; None leaves it alone."""
+    if replacement is None:
+        yield
+        return
+    def hook(module, inputs, output):
+        values, probabilities = output
+        return replacement.to(values).expand_as(values), probabilities
+    handle = adapter.model.causal.cross_sample.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def stem_features(adapter, split: Split) -> torch.Tensor:
+    pixels = adapter.regions.pixels([scene.image for scene in split.scenes])  # (N, H, W, 3)
+    return torch.cat([adapter.regions.stem(chunk) for chunk in pixels.split(CHUNK)])  # (N, R, D)
+
+
+@torch.no_grad()
+def predictions(adapter, split: Split, features: torch.Tensor, replacement: torch.Tensor | None = None) -> list[str]:
+    """The model's answer to every item of `split`."""
+    guesses = []
+    with replaced_cross_sample(adapter, replacement):
+        for start in range(0, len(split.items), CHUNK):
+            items = split.items[start:start + CHUNK]
+            scenes = torch.tensor([scene for scene, _, _ in items])
+            logits = answer_logits(adapter, features[scenes], [question for _, question, _ in items])  # (b, A)
+            guesses += [ANSWERS[index] for index in logits.argmax(dim=1).tolist()]
+    return guesses
+
+
+@torch.no_grad()
+def mean_cross_sample(adapter, features: torch.Tensor) -> torch.Tensor:
+    """CS-ATT's output for every scene of the split, averaged over scenes: (R, dim)."""
+    outputs = []
+    for chunk in features.split(CHUNK):
+        regions = adapter.regions.regions(chunk)
+        tokens = adapter.model.causal_input(regions.features, regions.boxes, regions.mask)  # (b, R, dim)
+        causal = adapter.model.causal
+        entries = causal.dictionary.unsqueeze(0).expand(len(tokens), -1, -1)  # (b, K, dim)
+        outputs.append(causal.cross_sample(tokens, entries, None, regions.mask)[0])  # (b, R, dim)
+    return torch.cat(outputs).mean(dim=0)  # (R, dim)
+
+
+def dictionary_share(adapter, split: Split, features: torch.Tensor, scenes: int) -> float:
+    """Mean share of [CLS]'s Chefer relevance that reaches dictionary entries, over the questions of the
+    first `scenes` scenes, each explained for the model's own answer (as `xattn relevancy` does)."""
+    explainer = build_relevancy(adapter, method="chefer", questions=["?"])
+    items = [item for item in split.items if item[0] < scenes]
+    shares = []
+    for start in range(0, len(items), 64):
+        chunk = items[start:start + 64]
+        batch = adapter.tokenize([question for _, question, _ in chunk])
+        regions = adapter.regions.regions(features[torch.tensor([scene for scene, _, _ in chunk])])
+        _, _, tokens, region_rows, entry_rows = explainer.relevance_rows(batch, regions)
+        shares += CausalRelevance(tokens, region_rows, entry_rows).dictionary_share.tolist()
+    return float(np.mean(shares))
+
+
+def scores(split: Split, guesses: list[str]) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy overall and per kind (on the anti split also the shortcut rate); the per-item hits (n,)."""
+    hits = np.array([guess == answer for guess, (_, _, answer) in zip(guesses, split.items)], dtype=np.float64)
+    kinds = np.array([answer_kind(answer) for _, _, answer in split.items])
+    figures = {"accuracy": float(hits.mean())}
+    figures |= {f"accuracy_{kind}": float(hits[kinds == kind].mean()) for kind in KINDS if (kinds == kind).any()}
+    asked = [(guess, partner) for guess, partner in zip(guesses, split.shortcuts) if partner is not None]
+    if split.name == "anti":
+        figures["shortcut_rate"] = float(np.mean([guess == partner for guess, partner in asked]))
+    return figures, hits
+
+
+def measure_run(folder: Path, splits: list[Split], share_scenes: int) -> tuple[dict, dict]:
+    """Figures of one seed's two models on every split, and their per-item hits {model: {split: (n,)}}."""
+    figures, hits = {}, {}
+    for name in (BASE, CATT):
+        adapter = load_model(f"hf:{folder / name}", device="cpu")
+        adapter.model.eval()
+        figures[name], hits[name] = {}, {}
+        for split in splits:
+            features = stem_features(adapter, split)
+            figures[name][split.name], hits[name][split.name] = scores(split, predictions(adapter, split, features))
+            if name == CATT:
+                mean = mean_cross_sample(adapter, features)
+                for label, replacement in (("mean_ablated", mean), ("zeroed", torch.zeros_like(mean))):
+                    ablated, _ = scores(split, predictions(adapter, split, features, replacement))
+                    figures[name][split.name][f"accuracy_cs_{label}"] = ablated["accuracy"]
+                figures[name][split.name]["dictionary_share"] = dictionary_share(adapter, split, features,
+                                                                                 share_scenes)
+        print(f"{folder} {name}: " + ", ".join(f"{s}: {f['accuracy']:.3f}" for s, f in figures[name].items()),
+              file=sys.stderr)
+    return figures, hits
+
+
+def mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def summarise(runs: dict[str, dict], hits: dict[str, dict], splits: list[Split]) -> dict:
+    """Mean ± sd over seeds of every figure, the bias gate and the paired differences."""
+    seeds = list(runs)
+    summary = {}
+    for name in (BASE, CATT):
+        summary[name] = {split.name: {key: mean_sd([runs[seed][name][split.name][key] for seed in seeds])
+                                      for key in runs[seeds[0]][name][split.name]} for split in splits}
+    gaps = [runs[seed][BASE]["correlated"]["accuracy"] - runs[seed][BASE]["anti"]["accuracy"] for seed in seeds]
+    summary["bias_gap"] = {**mean_sd(gaps), "values": gaps, "minimum": MIN_BIAS_GAP,
+                           "shows_bias": bool(np.mean(gaps) >= MIN_BIAS_GAP)}
+    summary["delta"] = {}
+    for split in splits:
+        per_seed = np.stack([hits[seed][CATT][split.name] - hits[seed][BASE][split.name] for seed in seeds])  # (S, n)
+        values = per_seed.mean(axis=1).tolist()
+        low, high = bootstrap_ci(per_seed.mean(axis=0), resamples=RESAMPLES)
+        spread = mean_sd(values)
+        effect = abs(spread["mean"]) > 2 * spread["sd"] and not low <= 0 <= high
+        summary["delta"][split.name] = {**spread, "values": values, "low": low, "high": high, "effect": bool(effect)}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="folders of `train.shapes_catt --out` (one per seed)")
+    parser.add_argument("--scenes", type=int, default=500, help="scenes per split")
+    parser.add_argument("--size", type=int, default=64, help="scene size in pixels (configs/shapes-catt.json)")
+    parser.add_argument("--share-scenes", type=int, default=100, help="scenes whose questions the share reads")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    splits = [Split(name, args.scenes, args.size) for name in SPLITS]
+    runs, hits, recipes = {}, {}, {}
+    for folder in args.runs:
+        recipe = json.loads((folder / CATT / "xattn.json").read_text())["recipe"]
+        seed = str(recipe["seed"])
+        recipes[seed] = {name: json.loads((folder / name / "xattn.json").read_text())["recipe"]
+                         for name in (BASE, CATT)}
+        runs[seed], hits[seed] = measure_run(folder, splits, args.share_scenes)
+    result = {"version": __version__, "scenes": args.scenes, "size": args.size, "share_scenes": args.share_scenes,
+              "splits": {name: {"stream": stream, "colour_rule": rule, "questions": len(split.items)}
+                         for split, (name, (stream, rule)) in zip(splits, SPLITS.items())},
+              "recipes": recipes, "seeds": runs, "summary": summarise(runs, hits, splits),
+              "elapsed_s": round(time.perf_counter() - started, 1)}
+    text = json.dumps(result, indent=2) + "\n"
+    if args.json:
+        args.json.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
