@@ -217,3 +217,137 @@ def test_last_layer_methods(folders):
     assert raw.extra["dictionary_share"] == pytest.approx(0.5, abs=1e-6) and len(raw.extra["dictionary"]) == 5
     [[gradcam]] = VqaRelevancy(adapter, [QUESTION], method="attn-gradcam").explain([image])
     assert 0 <= gradcam.extra["dictionary_share"] <= 1 and len(gradcam.extra["regions"]) == 16
+
+
+@pytest.fixture(scope="module")
+def swapped(folders):
+    """A dictionary file `xattn dictionary build` wrote (seed 5; the broken image fails, exit 1), and a relevancy
+    run of the CATT folder (random entries of its own, no dictionary file) with `--dictionary` that file."""
+    built = folders["root"] / "built.safetensors"
+    result = _invoke("dictionary", "build", folders["scenes"], "--model", f"hf:{folders['catt']}", "--k", 6,
+                     "--out", built, "--seed", 5, "--device", "cpu")
+    assert result.exit_code == 1 and built.is_file(), result.output
+    scene = min((folders["scenes"] / "images").glob("0*.png"))
+    out = folders["root"] / "swapped"
+    result = _invoke("relevancy", scene, "--model", f"hf:{folders['catt']}", "--question", QUESTION, "--dictionary",
+                     built, "--format", "jsonl", "--out", out, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    return {"file": built, "scene": scene, "out": out, "record": record}
+
+
+def test_dictionary_option_swaps_the_entries(folders, swapped):
+    """`--dictionary FILE`: the model's entries become the file's, the record is that model's explanation, its
+    entries carry the file's counts and members, and its meta names the file (absolute path, sha256)."""
+    import hashlib
+
+    from PIL import Image
+
+    from xattn_cli.dictionary import load_dictionary
+    from xattn_cli.explainers import build_relevancy
+    from xattn_cli.models.registry import load_model
+
+    saved = load_dictionary(swapped["file"])
+    adapter = load_model(f"hf:{folders['catt']}")
+    assert adapter.dictionary is None and not torch.equal(adapter.model.causal.dictionary, saved.entries)
+    image = Image.open(swapped["scene"])
+    [[own]] = build_relevancy(adapter, method="chefer", questions=[QUESTION]).explain([image])
+    explainer = build_relevancy(adapter, method="chefer", questions=[QUESTION], dictionary=swapped["file"])
+    assert torch.equal(adapter.model.causal.dictionary, saved.entries)
+    [[expected]] = explainer.explain([image])
+    assert expected.score != pytest.approx(own.score, abs=1e-4)  # the swap changes this model's output
+
+    record = swapped["record"]
+    (target,) = record["targets"]
+    assert target["score"] == pytest.approx(expected.score, abs=1e-5) and target["answer"] == expected.extra["answer"]
+    assert [entry["entry"] for entry in target["dictionary"]] == [e["entry"] for e in expected.extra["dictionary"]]
+    for entry in target["dictionary"]:
+        assert entry["count"] == int(saved.counts[entry["entry"]])
+        assert [m["region"] for m in entry["members"]] == saved.members[entry["entry"], :, 1].tolist()
+    assert record["meta"]["dictionary"] == str(swapped["file"].resolve())
+    assert record["meta"]["dictionary_sha256"] == hashlib.sha256(swapped["file"].read_bytes()).hexdigest()
+
+
+def test_dictionary_option_refusals(folders, swapped, tmp_path):
+    """A model without causal attention, a file of another K, unreadable and missing files: exit 2, one line."""
+    from xattn_cli.dictionary import DictionaryFile, save_dictionary
+
+    wrong_k = tmp_path / "five.safetensors"
+    save_dictionary(wrong_k, DictionaryFile(torch.zeros(5, 16), torch.zeros(5, dtype=torch.long),
+                                            torch.zeros(5, 1, 2, dtype=torch.long),
+                                            torch.zeros(5, 1, 4, 4, 3, dtype=torch.uint8), ["x.png"]))
+    text = tmp_path / "text.safetensors"
+    text.write_text("not a dictionary")
+    cases = [("shapes-lxmert", swapped["file"], "--dictionary is for models with causal attention (CATT); "
+                                                "shapes-lxmert is not one"),
+             (f"hf:{folders['base']}", swapped["file"], "has no causal attention: a dictionary does not apply"),
+             (f"hf:{folders['catt']}", wrong_k, "holds (5, 16) entries, this model needs (6, 16)"),
+             (f"hf:{folders['catt']}", text, "is not a readable dictionary file"),
+             (f"hf:{folders['catt']}", tmp_path / "missing.safetensors", "dictionary file not found")]
+    for model, dictionary, message in cases:
+        result = _invoke("relevancy", swapped["scene"], "--model", model, "--question", QUESTION, "--dictionary",
+                         dictionary, "--out", tmp_path / "run", "--device", "cpu", "--quiet")
+        assert result.exit_code == 2, (model, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def _strips(page: str) -> dict[int, "np.ndarray"]:
+    """Entry index → the pixels of the strip the page shows beside it (decoded from its embedded PNG)."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    rules = dict(re.findall(r"\.(strip-\d+) \{ background-image: url\(data:image/png;base64,([^)]*)\)", page))
+    shown = re.findall(r'class="strip (strip-\d+)" role="img" aria-label="entry (\d+) members"', page)
+    return {int(entry): np.asarray(Image.open(io.BytesIO(base64.b64decode(rules[css])))) for css, entry in shown}
+
+
+def test_report_shows_each_listed_entrys_member_crops(folders, swapped):
+    """The report of the --dictionary run shows, beside each listed entry, a strip whose pixels are the
+    file's crops of that entry's members, side by side."""
+    from xattn_cli.dictionary import load_dictionary
+    from xattn_cli.render.report import build_report
+
+    saved = load_dictionary(swapped["file"])
+    page = build_report(swapped["out"])
+    (target,) = swapped["record"]["targets"]
+    strips = _strips(page)
+    assert sorted(strips) == sorted(entry["entry"] for entry in target["dictionary"])
+    size = saved.crops.shape[2]
+    for entry, pixels in strips.items():
+        assert pixels.shape == (size, saved.crops.shape[1] * size, 3)
+        for member in range(saved.crops.shape[1]):
+            assert (pixels[:, member * size:(member + 1) * size] == saved.crops[entry, member].numpy()).all()
+    assert f"#{target['dictionary'][0]['entry']} · " in page and f"{target['dictionary'][0]['count']} points" in page
+
+
+def test_report_never_shows_another_dictionarys_crops(folders, swapped, tmp_path):
+    """A dictionary file changed since the run shows why instead of crops; the run's own file put inside the
+    results folder (a folder moved elsewhere) is found there by name; a run with no file shows entries only."""
+    from xattn_cli.dictionary import load_dictionary, save_dictionary
+    from xattn_cli.render.report import build_report
+
+    used = tmp_path / "used.safetensors"
+    shutil.copy(swapped["file"], used)
+    out = tmp_path / "run"
+    result = _invoke("relevancy", swapped["scene"], "--model", f"hf:{folders['catt']}", "--question", QUESTION,
+                     "--dictionary", used, "--out", out, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    changed = load_dictionary(used)
+    changed.crops = 255 - changed.crops
+    save_dictionary(used, changed)
+    page = build_report(out)
+    assert f"{used.resolve()} changed since the run" in page and not _strips(page)
+    shutil.copy(swapped["file"], out / "used.safetensors")
+    assert len(_strips(build_report(out))) == 5
+
+    plain = tmp_path / "plain"
+    result = _invoke("relevancy", swapped["scene"], "--model", f"hf:{folders['catt']}", "--question", QUESTION,
+                     "--out", plain, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    page = build_report(plain)
+    assert "no crops: the run names no dictionary file" in page and not _strips(page)

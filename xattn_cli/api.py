@@ -89,7 +89,8 @@ def relevancy(images: Sequence[str | Path | Image.Image], *, model: str = "shape
         images: paths or PIL images.
         targets: what to explain, as the model's task takes it — `texts=[...]` (CLIP), `targets=[...]`
             (classifiers; default the predicted classes), `questions=[...]` and `answer=` (VQA),
-            `threshold=` (DETR); also `start_layer=`, `precision=`, `features=` (see `xattn relevancy`).
+            `threshold=` (DETR); also `start_layer=`, `precision=`, `features=`, `dictionary=` (see
+            `xattn relevancy`).
     Returns:
         One `Explanation` per image, with `.maps` (K, H, W) in [0, 1] and `.scores`.
     """

@@ -21,6 +21,7 @@ build` and the shapes-catt recipe run).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,8 @@ class DictionaryFile:
     crops: torch.Tensor  # (K, M, S, S, 3) uint8
     names: list[str]
     info: dict[str, str] = field(default_factory=dict)
+    path: str | None = None  # the absolute path it was read from (None: built in memory)
+    sha256: str | None = None  # the file's bytes' sha256, to tell a file changed since a run used it
 
 
 def _check(dictionary: DictionaryFile) -> str | None:
@@ -183,7 +186,8 @@ def save_dictionary(path: str | Path, dictionary: DictionaryFile) -> None:
 
 
 def load_dictionary(path: str | Path, *, k: int | None = None, dim: int | None = None) -> DictionaryFile:
-    """Read and check a dictionary file; with `k` / `dim`, also that its entries have that shape."""
+    """Read and check a dictionary file; with `k` / `dim`, also that its entries have that shape. The result
+    keeps the file's absolute path and sha256."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
@@ -207,7 +211,7 @@ def load_dictionary(path: str | Path, *, k: int | None = None, dim: int | None =
         raise UsageError(f"{path}: metadata 'names' must be a JSON list of image names")
     info = {key: value for key, value in metadata.items() if key not in ("format", "names")}
     dictionary = DictionaryFile(tensors["dictionary"], tensors["counts"], tensors["members"], tensors["member_crops"],
-                                names, info)
+                                names, info, str(Path(path).resolve()), file_sha256(path))
     problem = _check(dictionary)
     if problem:
         raise UsageError(f"{path}: {problem}")
@@ -215,6 +219,23 @@ def load_dictionary(path: str | Path, *, k: int | None = None, dim: int | None =
     if tuple(dictionary.entries.shape) != wanted:
         raise UsageError(f"{path} holds {tuple(dictionary.entries.shape)} entries, this model needs {wanted}")
     return dictionary
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def entry_strip(dictionary: DictionaryFile, entry: int) -> Image.Image:
+    """An entry's member crops side by side, nearest member first, pixels as stored: (S, M·S) RGB."""
+    crops = dictionary.crops[entry]  # (M, S, S, 3)
+    members, size = crops.shape[0], crops.shape[1]
+    strip = crops.permute(1, 0, 2, 3).reshape(size, members * size, 3)  # (S, M·S, 3): row y of each crop in turn
+    return Image.fromarray(strip.numpy())
 
 
 @dataclass

@@ -6,6 +6,7 @@ Usage:
     xattn relevancy scene.png --model shapes-clip --text "a red circle"
     xattn relevancy scene.png --model hf:LXMERT_DIR --question "what colour is the star?" --features regions.npz
     xattn relevancy scene.png --model hf:DETR_DIR --threshold 0.7     # one map per detection
+    xattn relevancy scene.png --model shapes-catt --question "what colour is the star?" --dictionary d.safetensors
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def relevancy(
     answer: Annotated[Optional[str], typer.Option("--answer", help="VQA models: explain this answer, a label or an index [default: the predicted one].")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Classifiers and VQA models: names of the classes or answers, a JSON list, a JSON map (index → name or name → index) or one name a line.", show_default=False)] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="VQA models: region boxes + features per image, .npz (names, features, boxes[, counts]) [default: the model's grid regions].", show_default=False)] = None,
+    dictionary: Annotated[Optional[Path], typer.Option("--dictionary", help="Models with causal attention (CATT): use this dictionary file (`xattn dictionary build`; the model's K entries of its width) instead of the model's own. This changes the model: its answers may change.", show_default=False)] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="DETR: explain each detection whose class probability exceeds this [default: 0.5].", show_default=False)] = None,
     method: Annotated[Method, typer.Option("--method", help="; ".join(f"{name}: {METHODS[name].summary}" for name in method_names("relevancy")) + ".")] = "chefer",
     residual: Annotated[Optional[Residual], typer.Option("--residual", help="DETR: rows the residual normalisation divides 0/0 — guarded (left as identity) or official (NaN, then 0, as the official code) [default: guarded].", show_default=False)] = None,
@@ -67,12 +69,13 @@ def relevancy(
         adapter = load_adapter(model, pretrained, device_name, trust_checkpoint, labels)
         given = {"text": bool(text), "target": bool(target), "start_layer": start_layer is not None,
                  "precision": precision.value != "fp32", "question": bool(question), "answer": answer is not None,
-                 "features": features is not None, "threshold": threshold is not None, "residual": residual is not None}
+                 "features": features is not None, "threshold": threshold is not None, "residual": residual is not None,
+                 "dictionary": dictionary is not None}
         check_options(adapter, Method(method).value, given, spell=_flag)
         return build_relevancy(adapter, method=Method(method).value, texts=text or [], targets=target or [],
                                start_layer=start_layer, precision=precision.value, questions=question or [],
                                answer=answer, features=features, threshold=threshold,
-                               residual=None if residual is None else residual.value)
+                               residual=None if residual is None else residual.value, dictionary=dictionary)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,

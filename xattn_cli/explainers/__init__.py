@@ -23,6 +23,10 @@ TASK_OPTIONS = {  # option → (what it is for, the tasks that take it)
     "residual": ("detection models (DETR)", {"detect"}),
 }
 
+RULE_OPTIONS = {  # option → (what it is for, the relevance rules of the models that take it)
+    "dictionary": ("models with causal attention (CATT)", {"causal"}),
+}
+
 REQUIRED = {"image-text": "text", "vqa": "question"}  # task → the option it cannot run without
 
 
@@ -45,21 +49,29 @@ def check_options(adapter, method: str, given: dict[str, bool],
         if given.get(option) and layout.task not in tasks:
             takes = [name for name, (_, ts) in TASK_OPTIONS.items() if layout.task in ts]
             raise UsageError(f"{spell(option)} is for {purpose}; {adapter.name} takes {', '.join(map(spell, takes))}")
+    for option, (purpose, rules) in RULE_OPTIONS.items():
+        if given.get(option) and layout.rule not in rules:
+            raise UsageError(f"{spell(option)} is for {purpose}; {adapter.name} is not one")
 
 
 def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets: Sequence[str] = (),
                     start_layer: int | None = None, precision: str = "fp32", questions: Sequence[str] = (),
                     answer: str | None = None, features: str | Path | None = None, threshold: float | None = None,
-                    residual: str | None = None):
+                    residual: str | None = None, dictionary: str | Path | None = None):
     """The relevancy explainer for the adapter's task; usage errors for options that do not apply.
 
     `features` (a .npz file, see `models.regions`) replaces a region model's own region extractor;
-    `threshold` defaults to `detection.DEFAULT_THRESHOLD`; `residual` to "guarded".
+    `threshold` defaults to `detection.DEFAULT_THRESHOLD`; `residual` to "guarded". `dictionary` (a
+    dictionary file, see `xattn_cli.dictionary`) replaces a causal-attention model's dictionary: this changes
+    the model.
     """
     given = {"text": bool(texts), "target": bool(targets), "start_layer": start_layer is not None,
              "precision": precision != "fp32", "question": bool(questions), "answer": answer is not None,
-             "features": features is not None, "threshold": threshold is not None, "residual": residual is not None}
+             "features": features is not None, "threshold": threshold is not None, "residual": residual is not None,
+             "dictionary": dictionary is not None}
     check_options(adapter, method, given)
+    if dictionary is not None:
+        adapter.load_dictionary_file(dictionary)
     task = adapter.layout.task
     if task == "image-text":
         from xattn_cli.explainers.relevancy import ClipRelevancy

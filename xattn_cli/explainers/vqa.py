@@ -48,6 +48,14 @@ class VqaRelevancy(Explainer):
         if self.regions is None:
             raise UsageError(f"{adapter.name} needs region features: give a features .npz file")
 
+    def meta(self) -> dict:
+        """Rule `causal`: also the dictionary file the model ran with (absolute path) and its sha256, so a reader
+        knows which dictionary ran and where its entries' member crops are."""
+        dictionary = self.adapter.dictionary if self.adapter.layout.rule == "causal" else None
+        if dictionary is None or dictionary.path is None:
+            return super().meta()
+        return {**super().meta(), "dictionary": dictionary.path, "dictionary_sha256": dictionary.sha256}
+
     def relevance(self, batch: dict[str, torch.Tensor], regions: Regions
                   ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
         """Logits (B, answers), the explained answer per sample, and the relevance rows of the token the

@@ -179,6 +179,15 @@ class CattAdapter(RegionVqaAdapter):
         self.model.causal.load_dictionary(dictionary.entries.to(self.model.causal.dictionary))
         self.dictionary = dictionary
 
+    def load_dictionary_file(self, path: str | Path) -> None:
+        """`load_dictionary` of the dictionary file at `path` (`xattn-dictionary/1`), which must hold this model's
+        K entries of its width. This changes the model: its answers may change."""
+        from xattn_cli.dictionary import load_dictionary
+
+        if self.model.causal is None:
+            raise UsageError(f"{self.name} has no causal attention: a dictionary does not apply")
+        self.load_dictionary(load_dictionary(path, k=self.dictionary_size, dim=self.model.causal.dictionary.shape[1]))
+
     def dictionary_entries(self, relevance: torch.Tensor, top: int = 5) -> list[dict]:
         """The `top` entries of highest relevance (K,): entry index, relevance, size (points the entry
         stands for) and member regions (image name, region index), when the dictionary file is known."""
@@ -242,7 +251,6 @@ def load_catt_folder(location: str | Path, name: str | None = None) -> CattAdapt
     """A CATT model folder (module docstring) as an adapter; a dictionary file there replaces the entries."""
     import transformers
 
-    from xattn_cli.dictionary import load_dictionary
     from xattn_cli.models.checkpoints import load_into, load_state_dict
 
     folder = Path(location)
@@ -260,6 +268,5 @@ def load_catt_folder(location: str | Path, name: str | None = None) -> CattAdapt
     tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
     adapter = CattAdapter(model.float(), tokenizer, regions, name=name or f"hf:{location}")
     if (folder / DICTIONARY_FILE).is_file():
-        adapter.load_dictionary(load_dictionary(folder / DICTIONARY_FILE, k=adapter.dictionary_size,
-                                                dim=config["dim"]))
+        adapter.load_dictionary_file(folder / DICTIONARY_FILE)
     return adapter

@@ -2,8 +2,10 @@
 
 - A results folder (`results.jsonl` from `xattn surgery` / `xattn relevancy`) becomes a gallery: one row
   per image, model · method and target with the image, its overlay, the score and the text tokens'
-  relevance; an error record gets a row with its message. A folder that several runs wrote to (other
-  models or methods) shows each run's latest record of each image; each picture is embedded once.
+  relevance (causal-attention models: also each listed dictionary entry with its member crops, from the
+  dictionary file the records' meta names; see `render.dictionary`); an error record gets a row with its
+  message. A folder that several runs wrote to (other models or methods) shows each run's latest record of
+  each image; each picture is embedded once.
 - Each `*.json` in the folder that `xattn bench quality --json` wrote becomes its tables and its plot.
 
 Images are embedded as PNG data URIs (thumbnails), so the page references nothing outside itself and can
@@ -22,6 +24,7 @@ from PIL import Image
 
 from xattn_cli.errors import ItemError, UsageError
 from xattn_cli.render import METRIC_LABELS
+from xattn_cli.render.dictionary import EntryStrips
 from xattn_cli.io.images import load_image
 from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, latest_records
 
@@ -43,6 +46,9 @@ span.thumb { display: block; width: 160px; background-position: center; backgrou
              background-repeat: no-repeat; image-rendering: pixelated; }
 img.plot { max-width: 100%; }
 span.token { padding: 1px 3px; margin: 1px; border-radius: 3px; display: inline-block; }
+span.strip { display: inline-block; height: 32px; margin: 1px 0; vertical-align: middle; background-size: contain;
+             background-repeat: no-repeat; image-rendering: pixelated; }
+td.entries { white-space: nowrap; }
 """
 
 SORT_SCRIPT = """
@@ -181,6 +187,11 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
 
     columns = [("image", "text"), ("picture", ""), ("model · method", "text"), ("target", "text"),
                ("score", "number"), ("overlay", ""), ("tokens", ""), ("details", "text")]
+    strips = EntryStrips(folder)  # causal-attention targets' dictionary entries, in a column of their own
+    with_entries = any(isinstance(target.get("dictionary"), list)
+                       for record in records for target in record.get("targets") or [])
+    if with_entries:
+        columns.append(("dictionary entries: #, relevance, size, member crops", ""))
     rows, failed = [], 0
     for record in records:
         name = str(record["image"])
@@ -190,7 +201,8 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
             failed += 1
             error = record.get("error") or {}
             rows.append([_cell(name), source, model, _cell(""), _number(None, ""), _cell(""), _cell(""),
-                         _cell(f"error: {error.get('type', '')}: {error.get('message', '')}", "error")])
+                         _cell(f"error: {error.get('type', '')}: {error.get('message', '')}", "error")]
+                        + ([_cell("")] if with_entries else []))
             continue
         for target in record.get("targets") or []:
             overlay = artifact_in(folder, record, target["overlay"]) if target.get("overlay") else None
@@ -200,12 +212,14 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
                          _number(target["score"], f"{target['score']:.4f}"),
                          thumbnail(overlay if overlay and overlay.is_file() else None, "overlay") if overlay
                          else _cell("<small>no overlay written</small>", raw=True),
-                         _cell(_tokens(target.get("tokens") or []), raw=True), _cell(details)])
+                         _cell(_tokens(target.get("tokens") or []), raw=True), _cell(details)]
+                        + ([_cell(strips.cell(record, target.get("dictionary") or []), "entries", raw=True)] if with_entries
+                           else []))
     images = len({record["image"] for record in records})
     runs = len({(record.get("model"), record.get("method")) for record in records})
     summary = (f"{len(records)} records of {images} images by {runs} model · method run(s), {failed} failed; "
                "click a column header to sort")
-    styles = "\n".join(rule for _, rule in pictures.values() if rule)
+    styles = "\n".join([*(rule for _, rule in pictures.values() if rule), strips.styles()])
     return (f"<section><h2>Results: {_escape(folder.name)}</h2><style>{styles}</style>"
             f"<p class=\"meta\">{_escape(summary)}</p>" + _table(columns, rows) + "</section>")
 
