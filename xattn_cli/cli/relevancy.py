@@ -34,7 +34,7 @@ def relevancy(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `xattn models`).")] = "shapes-vit",
     text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="CLIP models: a text to explain; repeat for several.")] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Classifiers: a label or index [default: the predicted class(es)].")] = None,
-    question: Annotated[Optional[list[str]], typer.Option("--question", help="VQA models (LXMERT, VisualBERT): a question to explain; repeat for several.")] = None,
+    question: Annotated[Optional[list[str]], typer.Option("--question", help="VQA models (LXMERT, VisualBERT, CATT): a question to explain; repeat for several.")] = None,
     answer: Annotated[Optional[str], typer.Option("--answer", help="VQA models: explain this answer, a label or an index [default: the predicted one].")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Classifiers and VQA models: names of the classes or answers, a JSON list, a JSON map (index → name or name → index) or one name a line.", show_default=False)] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="VQA models: region boxes + features per image, .npz (names, features, boxes[, counts]) [default: the model's grid regions].", show_default=False)] = None,

@@ -16,9 +16,9 @@ TASK_OPTIONS = {  # option → (what it is for, the tasks that take it)
     "target": ("classifiers", {"classify"}),
     "start_layer": ("ViT and CLIP models", {"classify", "image-text"}),
     "precision": ("ViT and CLIP models (the others run in fp32)", {"classify", "image-text"}),
-    "question": ("VQA models (LXMERT, VisualBERT)", {"vqa"}),
-    "answer": ("VQA models (LXMERT, VisualBERT)", {"vqa"}),
-    "features": ("region-feature models (LXMERT, VisualBERT)", {"vqa"}),
+    "question": ("VQA models (LXMERT, VisualBERT, CATT)", {"vqa"}),
+    "answer": ("VQA models (LXMERT, VisualBERT, CATT)", {"vqa"}),
+    "features": ("region-feature models (LXMERT, VisualBERT, CATT)", {"vqa"}),
     "threshold": ("detection models (DETR)", {"detect"}),
     "residual": ("detection models (DETR)", {"detect"}),
 }
