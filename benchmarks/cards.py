@@ -1,5 +1,5 @@
-"""Render the figure tables of the model cards and benchmarks/mask.md from the benchmark JSON; the prose stays
-hand-written.
+"""Render the figure tables of the model cards, benchmarks/mask.md and catt.md from the benchmark JSON; the
+prose stays hand-written.
 
     python benchmarks/cards.py           # rewrite the tables of every card in place
     python benchmarks/cards.py --check   # exit 1, naming the cards, where a table differs from its JSON
@@ -105,6 +105,97 @@ def mask_table(model: str, rows: list[tuple[str, str, float | None]], decided: s
     return render
 
 
+def _spread(figure: dict[str, float]) -> str:
+    return f"{figure['mean']:.3f} ± {figure['sd']:.3f}"
+
+
+CATT_MODELS = ("shapes-catt-base", "shapes-catt")
+CATT_SPLITS = ("neutral", "correlated", "anti")
+
+
+def catt_accuracy(result: dict) -> str:
+    """benchmarks/catt.md: mean ± sd over seeds of each model's accuracy per split and kind of answer."""
+    summary = result["summary"]
+    lines = ["| model | split | accuracy | colour | shape | yes/no | shortcut rate |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for model in CATT_MODELS:
+        for split in CATT_SPLITS:
+            figures = summary[model][split]
+            cells = [_spread(figures[key]) for key in ("accuracy", "accuracy_colour", "accuracy_shape",
+                                                       "accuracy_yes_no")]
+            shortcut = _spread(figures["shortcut_rate"]) if "shortcut_rate" in figures else ""
+            lines.append(f"| {model} | {split} | {' | '.join(cells)} | {shortcut} |")
+    gap = summary["bias_gap"]
+    verdict = "shows bias" if gap["shows_bias"] else "**does not show bias**"
+    lines += ["", f"Validity: the base model loses {_spread(gap)} from correlated to anti (per seed "
+              f"{', '.join(f'{value:.3f}' for value in gap['values'])}; minimum {gap['minimum']:.2f}): the "
+              f"experiment {verdict}. {len(result['seeds'])} seeds; questions per split: "
+              + ", ".join(f"{name} {split['questions']}" for name, split in result["splits"].items())
+              + f"; {result['elapsed_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def catt_seeds(result: dict) -> str:
+    """benchmarks/catt.md: each seed's accuracies and the paired difference CATT − base."""
+    lines = ["| seed | base neutral / correlated / anti | CATT neutral / correlated / anti |",
+             "| --- | --- | --- |"]
+    for seed, figures in result["seeds"].items():
+        cells = [" / ".join(f"{figures[model][split]['accuracy']:.3f}" for split in CATT_SPLITS)
+                 for model in CATT_MODELS]
+        lines.append(f"| {seed} | {' | '.join(cells)} |")
+    lines += ["", "| split | Δ = CATT − base per seed | mean ± sd | 95 % interval (questions) | effect |",
+              "| --- | --- | --- | --- | --- |"]
+    for split in CATT_SPLITS:
+        delta = result["summary"]["delta"][split]
+        values = ", ".join(f"{value:+.3f}" for value in delta["values"])
+        effect = "**yes**" if delta["effect"] else "no"
+        lines.append(f"| {split} | {values} | {delta['mean']:+.3f} ± {delta['sd']:.3f} | "
+                     f"[{delta['low']:+.3f}, {delta['high']:+.3f}] | {effect} |")
+    return "\n".join(lines) + "\n"
+
+
+def catt_usage(result: dict) -> str:
+    """benchmarks/catt.md: whether CATT uses its cross-sample branch, mean ± sd over seeds."""
+    figures = result["summary"]["shapes-catt"]
+    lines = ["| split | CATT accuracy | CS mean-ablated: accuracy; answers changed | CS zeroed: accuracy; answers "
+             "changed | CS / IS in the fusion: all; varying | dictionary share of relevance |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for split in CATT_SPLITS:
+        cell = figures[split]
+        cells = [_spread(cell["accuracy"]),
+                 *(f"{_spread(cell[f'accuracy_cs_{label}'])}; {_spread(cell[f'changed_cs_{label}'])}"
+                   for label in ("mean_ablated", "zeroed")),
+                 f"{_spread(cell['cs_to_is_norm'])}; {_spread(cell['cs_to_is_norm_varying'])}",
+                 f"{cell['dictionary_share']['mean']:.2e} ± {cell['dictionary_share']['sd']:.1e}"]
+        lines.append(f"| {split} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def catt_card(model: str, seed: str = "0") -> Callable[[dict], str]:
+    """A bundled CATT model's card: the bundled seed's accuracies per split (catt.json), and for shapes-catt
+    its cross-sample branch's usage."""
+    def render(result: dict) -> str:
+        figures = result["seeds"][seed][model]
+        lines = ["| figure | value |", "| --- | --- |"]
+        for split in CATT_SPLITS:
+            kinds = " / ".join(f"{figures[split][f'accuracy_{kind}']:.3f}" for kind in ("colour", "shape", "yes_no"))
+            lines.append(f"| {split} split ({result['splits'][split]['colour_rule']}): accuracy; colour / shape / "
+                         f"yes-no | **{figures[split]['accuracy']:.3f}**; {kinds} |")
+        lines.append(f"| anti split: shortcut rate (answers naming the confounded partner) | "
+                     f"{figures['anti']['shortcut_rate']:.3f} |")
+        if "dictionary_share" in figures["neutral"]:
+            neutral = figures["neutral"]
+            lines += [f"| neutral split, CS output mean-ablated / zeroed: accuracy; answers changed | "
+                      f"{neutral['accuracy_cs_mean_ablated']:.3f} / {neutral['accuracy_cs_zeroed']:.3f}; "
+                      f"{neutral['changed_cs_mean_ablated']:.3f} / {neutral['changed_cs_zeroed']:.3f} |",
+                      f"| neutral split: CS half of the fusion beside the IS half (mean norm ratio; what varies "
+                      f"between scenes) | {neutral['cs_to_is_norm']:.3f}; {neutral['cs_to_is_norm_varying']:.3f} |",
+                      f"| neutral split: dictionary share of [CLS]'s Chefer relevance | "
+                      f"{neutral['dictionary_share']:.2e} |"]
+        return "\n".join(lines) + "\n"
+    return render
+
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
 CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
@@ -140,6 +231,10 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
         row("per-detection pointing, attention Grad-CAM (the same attention, gradient-weighted heads)",
             "shapes-detr pointing attn-gradcam"),
     ]))},
+    "assets/models/shapes-catt/README.md": {"figures": ("catt.json", catt_card("shapes-catt"))},
+    "assets/models/shapes-catt-base/README.md": {"figures": ("catt.json", catt_card("shapes-catt-base"))},
+    "benchmarks/catt.md": {"accuracy": ("catt.json", catt_accuracy), "seeds": ("catt.json", catt_seeds),
+                           "usage": ("catt.json", catt_usage)},
     "benchmarks/mask.md": {
         "shapes-vit": ("mask.json", mask_table("shapes-vit", [
             ("sufficiency: the kept patches alone keep the logit > 0", "sufficiency", 0.95),

@@ -18,9 +18,11 @@ runs' held-out stream), correlated (stream 12001, `biased:1`: always the usual c
 - Δ = CATT − base, per seed and split (paired: the same questions), mean ± sd over seeds, and a 95 %
   percentile bootstrap interval over questions of the seeds' mean Δ. "No effect" unless |mean Δ| > 2 sd
   and the interval excludes 0.
-- CS usage (is the cross-sample branch used at all?): CATT's accuracy with its CS-ATT output replaced by
-  the split's mean for each region position (mean ablation) and by zeros; the mean `dictionary_share` of
-  Chefer relevance (the share `xattn relevancy` reports) over the first `--share-scenes` scenes' questions.
+- CS usage (is the cross-sample branch used at all?): CATT's accuracy, and the share of its answers that
+  change, with its CS-ATT output replaced by the split's mean for each region position (mean ablation) and
+  by zeros; how large the CS half of the fusion (`combine`) is beside the IS half, overall and in what varies
+  between scenes; the mean `dictionary_share` of Chefer relevance (the share `xattn relevancy` reports)
+  over the first `--share-scenes` scenes' questions.
 """
 from __future__ import annotations
 
@@ -109,16 +111,32 @@ def predictions(adapter, split: Split, features: torch.Tensor, replacement: torc
 
 
 @torch.no_grad()
-def mean_cross_sample(adapter, features: torch.Tensor) -> torch.Tensor:
-    """CS-ATT's output for every scene of the split, averaged over scenes: (R, dim)."""
-    outputs = []
+def branch_outputs(adapter, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IS-ATT's and CS-ATT's outputs for every scene of the split: (N, R, dim) each."""
+    causal, in_sample, cross_sample = adapter.model.causal, [], []
     for chunk in features.split(CHUNK):
         regions = adapter.regions.regions(chunk)
         tokens = adapter.model.causal_input(regions.features, regions.boxes, regions.mask)  # (b, R, dim)
-        causal = adapter.model.causal
         entries = causal.dictionary.unsqueeze(0).expand(len(tokens), -1, -1)  # (b, K, dim)
-        outputs.append(causal.cross_sample(tokens, entries, None, regions.mask)[0])  # (b, R, dim)
-    return torch.cat(outputs).mean(dim=0)  # (R, dim)
+        in_sample.append(causal.in_sample(tokens, tokens, regions.mask, regions.mask)[0])  # (b, R, dim)
+        cross_sample.append(causal.cross_sample(tokens, entries, None, regions.mask)[0])  # (b, R, dim)
+    return torch.cat(in_sample), torch.cat(cross_sample)
+
+
+def fusion_contributions(adapter, in_sample: torch.Tensor, cross_sample: torch.Tensor) -> dict[str, float]:
+    """How much of the fused output each branch writes: `combine`'s weight halves applied to each branch
+    (N, R, dim), as the ratio of CS's mean norm to IS's, in total and in what varies from scene to scene
+    (each deviation from its split mean at that region position)."""
+    dim = in_sample.shape[-1]
+    weight = adapter.model.causal.combine.weight.detach()  # (dim, 2·dim): [IS half | CS half]
+    from_in, from_cross = in_sample @ weight[:, :dim].T, cross_sample @ weight[:, dim:].T  # (N, R, dim) each
+
+    def mean_norm(values: torch.Tensor) -> float:
+        return float(values.norm(dim=-1).mean())
+
+    return {"cs_to_is_norm": mean_norm(from_cross) / mean_norm(from_in),
+            "cs_to_is_norm_varying": mean_norm(from_cross - from_cross.mean(dim=0))
+            / mean_norm(from_in - from_in.mean(dim=0))}
 
 
 def dictionary_share(adapter, split: Split, features: torch.Tensor, scenes: int) -> float:
@@ -148,6 +166,21 @@ def scores(split: Split, guesses: list[str]) -> tuple[dict[str, float], np.ndarr
     return figures, hits
 
 
+def cs_usage(adapter, split: Split, features: torch.Tensor, guesses: list[str], share_scenes: int) -> dict:
+    """Whether CATT uses its CS branch on `split`: accuracy and the share of answers that change with CS-ATT's
+    output mean-ablated (its split mean at each region position) or zeroed; the branches' contributions to
+    the fusion; the dictionary's share of relevance."""
+    in_sample, cross_sample = branch_outputs(adapter, features)
+    mean = cross_sample.mean(dim=0)  # (R, dim)
+    usage = fusion_contributions(adapter, in_sample, cross_sample)
+    for label, replacement in (("mean_ablated", mean), ("zeroed", torch.zeros_like(mean))):
+        ablated = predictions(adapter, split, features, replacement)
+        usage[f"accuracy_cs_{label}"] = scores(split, ablated)[0]["accuracy"]
+        usage[f"changed_cs_{label}"] = float(np.mean([a != b for a, b in zip(ablated, guesses)]))
+    usage["dictionary_share"] = dictionary_share(adapter, split, features, share_scenes)
+    return usage
+
+
 def measure_run(folder: Path, splits: list[Split], share_scenes: int) -> tuple[dict, dict]:
     """Figures of one seed's two models on every split, and their per-item hits {model: {split: (n,)}}."""
     figures, hits = {}, {}
@@ -157,14 +190,10 @@ def measure_run(folder: Path, splits: list[Split], share_scenes: int) -> tuple[d
         figures[name], hits[name] = {}, {}
         for split in splits:
             features = stem_features(adapter, split)
-            figures[name][split.name], hits[name][split.name] = scores(split, predictions(adapter, split, features))
+            guesses = predictions(adapter, split, features)
+            figures[name][split.name], hits[name][split.name] = scores(split, guesses)
             if name == CATT:
-                mean = mean_cross_sample(adapter, features)
-                for label, replacement in (("mean_ablated", mean), ("zeroed", torch.zeros_like(mean))):
-                    ablated, _ = scores(split, predictions(adapter, split, features, replacement))
-                    figures[name][split.name][f"accuracy_cs_{label}"] = ablated["accuracy"]
-                figures[name][split.name]["dictionary_share"] = dictionary_share(adapter, split, features,
-                                                                                 share_scenes)
+                figures[name][split.name] |= cs_usage(adapter, split, features, guesses, share_scenes)
         print(f"{folder} {name}: " + ", ".join(f"{s}: {f['accuracy']:.3f}" for s, f in figures[name].items()),
               file=sys.stderr)
     return figures, hits

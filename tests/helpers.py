@@ -75,3 +75,16 @@ def assert_batch_equals_single_runs(explainer, images, atol: float = 1e-5) -> No
                 if key in a.extra:
                     np.testing.assert_allclose([t["relevance"] for t in a.extra[key]],
                                                [t["relevance"] for t in b.extra[key]], atol=1e-5)
+
+
+def load_benchmark(name: str):
+    """The module `benchmarks/<name>.py` (not a package: loaded by path), registered under `name`."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

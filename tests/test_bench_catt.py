@@ -3,14 +3,14 @@ tensor CS-ATT outputs, the dictionary share is the one `xattn relevancy` records
 the bias gate follow their definitions, and catt.md's tables render the JSON."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"model": {"dim": 16, "heads": 2, "question_layers": 1, "vision_layers": 2, "fusion_layers": 1,
@@ -18,17 +18,9 @@ TINY = {"model": {"dim": 16, "heads": 2, "question_layers": 1, "vision_layers": 
         "regions": {"grid": [4, 4], "cell": 8, "stem": {"widths": [8, 16, 16]}}, "image_size": 32}
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def catt():
-    return _load("catt")
+    return load_benchmark("catt")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +61,28 @@ def test_cross_sample_ablations_replace_the_cs_output(catt, run):
         with catt.replaced_cross_sample(adapter, replacement), torch.no_grad():
             return adapter.answer_logits(adapter.tokenize(questions), regions)
 
-    own = catt.mean_cross_sample(adapter, features)  # one scene: the mean is its own output
+    own = catt.branch_outputs(adapter, features)[1].mean(dim=0)  # one scene: the mean is its own output
     torch.testing.assert_close(logits(own), logits(None), rtol=0, atol=1e-6)
     assert (logits(torch.zeros_like(own)) - logits(None)).abs().max() > 1e-4
+
+
+def test_branch_outputs_are_what_the_causal_layer_fuses(catt, run):
+    from xattn_cli.models.registry import load_model
+
+    adapter = load_model(f"hf:{run / 'shapes-catt'}")
+    split = catt.Split("neutral", 3, 32)
+    features = catt.stem_features(adapter, split)
+    in_sample, cross_sample = catt.branch_outputs(adapter, features)  # (3, R, dim) each
+    regions = adapter.regions.regions(features)
+    causal = adapter.model.causal
+    with torch.no_grad():
+        tokens = adapter.model.causal_input(regions.features, regions.boxes, regions.mask)
+        fused = causal(tokens, tokens, regions.mask, regions.mask)[0]
+        torch.testing.assert_close(causal.combine(torch.cat([in_sample, cross_sample], -1)), fused)
+        assert catt.fusion_contributions(adapter, in_sample, cross_sample)["cs_to_is_norm"] > 0
+        causal.combine.weight[:, in_sample.shape[-1]:] = 0  # the CS half of the fusion
+    assert catt.fusion_contributions(adapter, in_sample, cross_sample) == {"cs_to_is_norm": 0.0,
+                                                                           "cs_to_is_norm_varying": 0.0}
 
 
 def test_dictionary_share_is_the_one_relevancy_records(catt, run):
@@ -96,7 +107,8 @@ def test_measure_run_scores_both_models_on_every_split(catt, run):
             assert hits[model][split.name].shape == (len(split.items),)
             assert figures[model][split.name]["accuracy"] == pytest.approx(hits[model][split.name].mean())
     assert "shortcut_rate" in figures[catt.BASE]["anti"] and "shortcut_rate" not in figures[catt.BASE]["neutral"]
-    assert set(figures[catt.CATT]["anti"]) > {"accuracy_cs_mean_ablated", "accuracy_cs_zeroed", "dictionary_share"}
+    assert set(figures[catt.CATT]["anti"]) > {"accuracy_cs_mean_ablated", "accuracy_cs_zeroed", "dictionary_share",
+                                              "changed_cs_zeroed", "cs_to_is_norm"}
 
 
 def _synthetic(catt, gaps: list[float]):
@@ -129,3 +141,14 @@ def test_summary_follows_the_definitions(catt):
     assert summary["delta"]["anti"]["effect"]  # +0.2 on each seed: sd 0, interval above 0
     assert not catt.summarise(*_synthetic(catt, [0.1, 0.1, 0.1]))["bias_gap"]["shows_bias"]
 
+
+def test_catt_md_tables_render_the_json():
+    cards = load_benchmark("cards")
+    result = json.loads((ROOT / "benchmarks" / "catt.json").read_text())
+    accuracy = cards.catt_accuracy(result)
+    assert accuracy.count("\n| shapes-catt") == 6 and "from correlated to anti" in accuracy
+    gap = result["summary"]["bias_gap"]
+    assert ("does not show bias" in accuracy) != gap["shows_bias"]
+    seeds = cards.catt_seeds(result)
+    assert all(f"\n| {seed} |" in seeds for seed in result["seeds"])
+    assert "| anti |" in cards.catt_usage(result)

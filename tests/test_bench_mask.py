@@ -2,24 +2,11 @@
 `xattn mask` records them, Chefer's selection has the same budget, and mask.md's tables render its JSON."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from helpers import load_benchmark
 from xattn_cli.eval.quality import ClassifierTask, ClipTask
 from xattn_cli.methods.token_mask import MaskSettings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -37,7 +24,7 @@ def few_steps(monkeypatch):
 
 @pytest.mark.parametrize("model", ["shapes-vit", "shapes-clip"])
 def test_one_scene_scores_the_masks_as_xattn_mask_records_them(model, few_steps):
-    mask = _load("mask")
+    mask = load_benchmark("mask")
     figures = mask.measure(model, 1, log=lambda line: None)
     assert figures["recorded_score_difference"] < 1e-5
     assert figures["targets"] >= 2 and 0 <= figures["decided"] <= figures["targets"]
@@ -48,7 +35,7 @@ def test_one_scene_scores_the_masks_as_xattn_mask_records_them(model, few_steps)
 
 
 def test_chefer_selection_has_the_masks_budget(few_steps):
-    mask = _load("mask")
+    mask = load_benchmark("mask")
     from xattn_cli.eval.metrics import pool_to_tokens
     from xattn_cli.eval.quality import held_out_scenes, scene_targets
     from xattn_cli.methods.token_mask import top_k_keep
@@ -64,7 +51,7 @@ def test_chefer_selection_has_the_masks_budget(few_steps):
 
 
 def test_mask_md_renders_bars_and_intervals_from_the_json():
-    cards = _load("cards")
+    cards = load_benchmark("cards")
     model = {"targets": 10, "decided": 8, "elapsed_s": 12.0, "recorded_score_difference": 1e-7,
              "sufficiency_gain": {"mean": 0.1, "low": 0.0, "high": 0.2},
              "sufficiency_all_gain": {"mean": 0.1, "low": 0.0, "high": 0.2},

@@ -1,4 +1,4 @@
-"""The bundled shapes-lxmert, shapes-visualbert and shapes-detr, offline, through the real CLI; and the
+"""The bundled shapes-lxmert, shapes-visualbert, shapes-detr and shapes-catt, offline, through the real CLI; and the
 lxmert, visualbert and detr aliases, which fail fast without a hub and name the bundled model.
 
 Quality (held-out accuracy, mAP, pointing) is measured by `benchmarks/shapes_multimodal.py`; here the
@@ -37,7 +37,7 @@ def star_scene(tmp_path_factory) -> tuple[Path, dict, dict]:
     return path, colour, shape
 
 
-@pytest.mark.parametrize("name", [*VQA_MODELS, "shapes-detr"])
+@pytest.mark.parametrize("name", [*VQA_MODELS, "shapes-detr", "shapes-catt", "shapes-catt-base"])
 def test_bundled_folders_are_registered_and_shipped(name):
     spec = {spec.name: spec for spec in list_models()}[name]
     assert spec.bundled and spec.weights_available(), f"{spec.weights} is missing"
@@ -58,6 +58,51 @@ def test_acceptance_lxmert_question_from_the_cli(star_scene, tmp_path):
     overlay = Path(target["overlay"])
     assert overlay.is_file() and Image.open(overlay).size == Image.open(image).size
     assert records(tmp_path / "out")[0]["targets"][0]["answer"] == target["answer"]
+
+
+def test_acceptance_catt_question_reaches_dictionary_entries(star_scene, tmp_path):
+    """Issue 17: `xattn relevancy IMG --model shapes-catt --question "what colour is the star?"` offline: the
+    answer, the region map, question-token relevance and the top dictionary entries with their relevance,
+    sizes and member regions (from the bundled dictionary file, which the record's meta names)."""
+    from xattn_cli.dictionary import load_dictionary
+
+    image, qa, _ = star_scene
+    completed = run(["relevancy", "--model", "shapes-catt", "--question", qa["question"], str(image),
+                     "--out", str(tmp_path / "out"), "--format", "jsonl", "--save-maps"])
+    assert completed.returncode == 0, completed.stderr
+    record = json.loads(completed.stdout)
+    (target,) = record["targets"]
+    assert target["answer"] == qa["answer"]
+    assert [t["token"] for t in target["tokens"]] == ["what", "colour", "is", "the", "star", "?"]
+    assert Path(target["overlay"]).is_file() and Path(target["map"]).is_file()
+    dictionary = load_dictionary(record["meta"]["dictionary"])
+    assert Path(record["meta"]["dictionary"]).parent.name == "shapes-catt"
+    entries = target["dictionary"]
+    assert len(entries) == 5 and 0 < target["dictionary_share"] < 1
+    assert [e["relevance"] for e in entries] == sorted((e["relevance"] for e in entries), reverse=True)
+    for entry in entries:
+        assert entry["count"] == int(dictionary.counts[entry["entry"]])
+        rows = dictionary.members[entry["entry"]].tolist()
+        assert [(m["image"], m["region"]) for m in entry["members"]] == [(dictionary.names[r], i) for r, i in rows]
+
+
+def test_dictionary_built_on_a_world_export_runs_in_shapes_catt(star_scene, tmp_path):
+    """Issue 17: `xattn dictionary build` on a `world export` folder writes a file shapes-catt loads with
+    `--dictionary`; the record's entries then come from that file."""
+    image, qa, _ = star_scene
+    assert run(["world", "export", str(tmp_path / "data"), "--n", "20", "--seed", "5", "--size", "64"]).returncode == 0
+    built = run(["dictionary", "build", str(tmp_path / "data"), "--model", "shapes-catt", "--k", "64",
+                 "--out", str(tmp_path / "d.safetensors")])
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout.splitlines()[-1])["points"] == 20 * 64
+    completed = run(["relevancy", "--model", "shapes-catt", "--question", qa["question"], str(image),
+                     "--dictionary", str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "out"), "--format",
+                     "jsonl"])
+    assert completed.returncode == 0, completed.stderr
+    record = json.loads(completed.stdout)
+    assert Path(record["meta"]["dictionary"]) == (tmp_path / "d.safetensors").resolve()
+    names = {member["image"] for entry in record["targets"][0]["dictionary"] for member in entry["members"]}
+    assert names and names <= {path.name for path in (tmp_path / "data" / "images").iterdir()}
 
 
 @pytest.mark.parametrize("name", VQA_MODELS)

@@ -2,26 +2,16 @@
 `benchmarks/cards.py` renders from the committed JSON (after a benchmark rerun: `python benchmarks/cards.py`)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_cards():
-    spec = importlib.util.spec_from_file_location("cards", ROOT / "benchmarks" / "cards.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cards"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-cards = _load_cards()
+cards = load_benchmark("cards")
 
 
 @pytest.mark.parametrize("card", sorted(cards.CARDS))

@@ -69,5 +69,5 @@ def register_bundled_hf(name: str) -> None:
         return adapter
 
 
-for _family in ("lxmert", "visualbert", "detr"):
-    register_bundled_hf(f"shapes-{_family}")
+for _name in ("shapes-lxmert", "shapes-visualbert", "shapes-detr", "shapes-catt", "shapes-catt-base"):
+    register_bundled_hf(_name)
