@@ -61,10 +61,10 @@ class Split:
         self.name, self.rule = name, rule
         self.scenes = [scene_at(seed, index, size=size, colour_rule=ColourRule.parse(rule)) for index in range(count)]
         self.items = [(i, qa["question"], qa["answer"]) for i, scene in enumerate(self.scenes) for qa in scene.qa]
-        self.shortcuts = [shortcut(self.scenes[i], question) for i, question, _ in self.items]
+        self.shortcuts = [shortcut(question) for _, question, _ in self.items]
 
 
-def shortcut(scene, question: str) -> str | None:
+def shortcut(question: str) -> str | None:
     """The confounded partner a question invites: "what colour is the star?" → the star's usual colour,
     "what shape is red?" → red's usual shape; None for yes/no questions."""
     words = question.rstrip("?").split()
@@ -142,7 +142,7 @@ def fusion_contributions(adapter, in_sample: torch.Tensor, cross_sample: torch.T
 def dictionary_share(adapter, split: Split, features: torch.Tensor, scenes: int) -> float:
     """Mean share of [CLS]'s Chefer relevance that reaches dictionary entries, over the questions of the
     first `scenes` scenes, each explained for the model's own answer (as `xattn relevancy` does)."""
-    explainer = build_relevancy(adapter, method="chefer", questions=["?"])
+    explainer = build_relevancy(adapter, method="chefer", questions=["?"])  # relevance_rows takes its own
     items = [item for item in split.items if item[0] < scenes]
     shares = []
     for start in range(0, len(items), 64):
