@@ -20,6 +20,7 @@ def export(
     size: Annotated[int, typer.Option("--size", min=16, max=2048, help="Image side in pixels.")] = 224,
     confounded: Annotated[bool, typer.Option("--confounded", help="Colour follows shape 90% of the time.")] = False,
     colour_rule: Annotated[str, typer.Option("--colour-rule", help="How colour follows shape: free (independent), biased:P (the shape's usual colour with probability P, else one of the other five) or anti (never the usual colour). Usual colours: circle red, square green, triangle blue, star yellow, cross purple, ring orange.")] = "free",
+    style: Annotated[str, typer.Option("--style", help="Renderer: classic (the original world), varied (the training world: jittered proportions, colours, backgrounds, overlaps, outlines) or shifted (a different renderer for validation and model cards only, never training). Same vocabulary and ground truth in each.")] = "classic",
 ) -> None:
     """Write N scenes in the dataset folder format `xattn bench quality --data` reads."""
     from xattn_cli.errors import UsageError
@@ -27,7 +28,7 @@ def export(
     from xattn_cli.world.shapes import ColourRule
 
     try:
-        annotations = export_dataset(folder, n, seed, size, confounded, ColourRule.parse(colour_rule))
+        annotations = export_dataset(folder, n, seed, size, confounded, ColourRule.parse(colour_rule), style)
     except UsageError as error:
         raise fail(str(error)) from None
     typer.echo(str(annotations))

@@ -14,15 +14,16 @@ from PIL import Image
 
 from xattn_cli.errors import UsageError
 from xattn_cli.io.outputs import atomic_save_png, atomic_write_bytes
-from xattn_cli.world.shapes import FREE, ColourRule, scene_at
+from xattn_cli.world.shapes import FREE, ColourRule, check_style, scene_at
 
 CONFOUNDED_BIAS = 0.9  # in the confounded world 90% of objects wear their shape's colour
 
 
 def export_dataset(folder: str | Path, count: int, seed: int, size: int = 224, confounded: bool = False,
-                   colour_rule: ColourRule = FREE) -> Path:
-    """Scenes `0..count-1` of stream `seed` under `colour_rule` (`confounded` applies to the free rule only);
-    returns the annotations file."""
+                   colour_rule: ColourRule = FREE, style: str = "classic") -> Path:
+    """Scenes `0..count-1` of stream `seed` under `colour_rule` (`confounded` applies to the free rule only),
+    drawn in `style`; returns the annotations file."""
+    check_style(style)
     if confounded and colour_rule != FREE:
         raise UsageError(f"the confounded world is the free colour rule with a 90% bias; it cannot be combined with {colour_rule}")
     folder = Path(folder)
@@ -31,7 +32,7 @@ def export_dataset(folder: str | Path, count: int, seed: int, size: int = 224, c
     lines = []
     for index in range(count):
         scene = scene_at(seed, index, size=size, color_bias=CONFOUNDED_BIAS if confounded else 0.0,
-                         colour_rule=colour_rule)
+                         colour_rule=colour_rule, style=style)
         ident = f"{index:06d}"
         atomic_save_png(folder / "images" / f"{ident}.png", scene.image)
         objects = []

@@ -9,6 +9,18 @@ evaluated here on a confounded world): each shape has a usual colour (`USUAL_COL
 object in its shape's usual colour with probability p and otherwise in one of the five others, uniformly;
 `anti` never uses the usual colour (uniform over the other five); `free` (the default) is the world as it
 always was, draw for draw.
+
+A style picks the renderer; the vocabulary and the ground truth are the same in every style:
+- `classic` (the default): the original renderer, pixel for pixel.
+- `varied`: the training world that keeps models off renderer details: rotation, scale and aspect jitter,
+  proportion variants (cross arm width, star inner radius, ring hole), colour jitter inside each name's hue
+  window, five background families, overlaps that leave at least `MIN_VISIBLE` of every object in view,
+  optional outlines and aliased or anti-aliased edges.
+- `shifted`: a renderer whose choices differ from `varied`'s (other proportions, sizes, backgrounds, outlines
+  and edges). It is for model selection and model cards only, never for training.
+Under every style an object's mask is the pixels where that object makes up more than half of the final
+colour (occluded and clipped parts excluded; the classic renderer: coverage >= 0.5 minus later objects), and
+its box is the mask's bounding box.
 """
 from __future__ import annotations
 
@@ -31,6 +43,39 @@ COLOR_RGB = {
 USUAL_COLOUR = dict(zip(SHAPES, COLORS))
 USUAL_SHAPE = {color: shape for shape, color in USUAL_COLOUR.items()}
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, so edges are anti-aliased
+# cross half arm width, star inner radius and ring hole, relative to the radius, in the classic renderer
+CLASSIC_THICKNESS = {"cross": 0.34, "star": 0.45, "ring": 0.55}
+MIN_VISIBLE = 0.6  # styled scenes: every object keeps at least this share of its own mask in view
+HUE_JITTER = 0.025  # styled colours stay within +-this of their name's hue; the nearest two names are 0.067 apart
+STYLE_NAMES = ("classic", "varied", "shifted")
+
+
+@dataclass(frozen=True)
+class Style:
+    """The ranges a styled renderer draws each scene from (`classic` is the original renderer, not a Style)."""
+
+    scale: dict[int, tuple[float, float]]  # object radius / image side, by object count
+    size_skew: float  # radius = lo + (hi - lo) * u ** size_skew, u uniform: > 1 favours small objects
+    aspect: tuple[float, float]  # an object's width / height before rotation, log-uniform
+    thickness: dict[str, tuple[float, float]]  # ranges of the CLASSIC_THICKNESS proportions
+    backgrounds: tuple[str, ...]  # families, one per scene
+    spacing: float  # centres at least spacing * (r_i + r_j) apart: below 1 objects may overlap
+    supersample: tuple[int, ...]  # one per scene: 1 draws aliased edges
+    outline: float  # probability that an object has an outline
+    outline_tone: float  # outline colour = fill colour * tone
+    outline_width: float  # pixels
+
+
+STYLES = {
+    "varied": Style(scale={1: (0.16, 0.38), 2: (0.12, 0.26), 3: (0.10, 0.21), 4: (0.09, 0.18)}, size_skew=1.0,
+                    aspect=(0.75, 1.33), thickness={"cross": (0.22, 0.42), "star": (0.36, 0.6), "ring": (0.4, 0.66)},
+                    backgrounds=("flat", "gradient", "noise", "stripes", "texture"), spacing=0.45,
+                    supersample=(1, 4), outline=0.3, outline_tone=0.45, outline_width=1.0),
+    "shifted": Style(scale={1: (0.15, 0.40), 2: (0.11, 0.27), 3: (0.10, 0.22), 4: (0.09, 0.19)}, size_skew=2.0,
+                     aspect=(0.68, 1.47), thickness={"cross": (0.42, 0.48), "star": (0.28, 0.36), "ring": (0.66, 0.74)},
+                     backgrounds=("checker", "radial", "blotches"), spacing=0.6,
+                     supersample=(2,), outline=0.5, outline_tone=0.15, outline_width=1.5),
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +128,11 @@ class ColourRule:
 FREE = ColourRule()
 
 
+def check_style(style: str) -> None:
+    if style not in STYLE_NAMES:
+        raise UsageError(f"unknown style {style!r}: use {', '.join(STYLE_NAMES)}")
+
+
 @dataclass
 class SceneObject:
     k: int
@@ -108,8 +158,11 @@ class Scene:
         return self.image.size
 
 
-def _outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
-    """Polygon vertices of a shape (circles and rings are drawn as 48-gons)."""
+def _outline(shape: str, cx: float, cy: float, radius: float, angle: float,
+             thickness: float | None = None) -> list[tuple[float, float]]:
+    """Polygon vertices of a shape (circles and rings are drawn as 48-gons); `thickness`: the cross's half arm
+    width or the star's inner radius relative to `radius` (None: the classic one)."""
+    thickness = CLASSIC_THICKNESS.get(shape) if thickness is None else thickness
     if shape in ("circle", "ring"):
         radii, count = [radius], 48
     elif shape == "square":
@@ -117,9 +170,9 @@ def _outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
     elif shape == "triangle":
         radii, count = [radius * 1.1], 3
     elif shape == "star":
-        radii, count = [radius * 1.1, radius * 0.45], 10
+        radii, count = [radius * 1.1, radius * thickness], 10
     elif shape == "cross":
-        arm, half = radius, radius * 0.34
+        arm, half = radius, radius * thickness
         corners = [(half, arm), (half, half), (arm, half), (arm, -half), (half, -half), (half, -arm),
                    (-half, -arm), (-half, -half), (-arm, -half), (-arm, half), (-half, half), (-half, arm)]
         cos, sin = math.cos(angle), math.sin(angle)
@@ -135,13 +188,26 @@ def _outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1], shape (size, size)."""
-    s = SUPERSAMPLE
+    """Anti-aliased coverage in [0, 1], shape (size, size) (the classic renderer)."""
+    polygons = [_outline(shape, cx, cy, radius, angle)]
+    if shape == "ring":
+        polygons.append(_outline("circle", cx, cy, radius * CLASSIC_THICKNESS["ring"], angle))
+    return _rasterise(polygons, size, SUPERSAMPLE)
+
+
+def _rasterise(polygons: list[list[tuple[float, float]]], size: int, supersample: int,
+               stroke: float = 0.0) -> np.ndarray:
+    """Coverage in [0, 1], shape (size, size): the first polygon filled and the others cut out of it, or with
+    `stroke` > 0 the edges of all of them drawn `stroke` pixels wide; drawn at `supersample`x and box-filtered."""
+    s = supersample
     canvas = Image.new("L", (size * s, size * s), 0)
     draw = ImageDraw.Draw(canvas)
-    draw.polygon([(x * s, y * s) for x, y in _outline(shape, cx, cy, radius, angle)], fill=255)
-    if shape == "ring":
-        draw.polygon([(x * s, y * s) for x, y in _outline("circle", cx, cy, radius * 0.55, angle)], fill=0)
+    for i, polygon in enumerate(polygons):
+        points = [(x * s, y * s) for x, y in polygon]
+        if stroke:
+            draw.line(points + points[:1], fill=255, width=max(1, round(stroke * s)), joint="curve")
+        else:
+            draw.polygon(points, fill=0 if i else 255)
     coverage = np.asarray(canvas, dtype=np.float32).reshape(size, s, size, s).mean(axis=(1, 3)) / 255.0
     return coverage  # (size, size)
 
@@ -174,13 +240,57 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + texture, 0, 255)
 
 
-def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[tuple[float, float]] | None:
-    """Centres for discs of the given radii, overlapping at most lightly; None if rejection fails."""
+def _styled_background(rng: np.random.Generator, size: int, family: str) -> np.ndarray:
+    """A low-saturation background of one family, (size, size, 3) float in [0, 255]."""
+    base = rng.uniform(60, 200) + rng.uniform(-12, 12, size=3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (size, size) each, in [0, 1)
+    theta = rng.uniform(0, 2 * math.pi)
+    along = xx * math.cos(theta) + yy * math.sin(theta)  # (size, size)
+    across = yy * math.cos(theta) - xx * math.sin(theta)  # (size, size)
+    if family == "flat":
+        texture = rng.normal(0, 2, size=(size, size, 1))
+    elif family == "gradient":
+        texture = ((along - along.mean()) * rng.uniform(40, 90))[..., None]
+    elif family == "noise":
+        texture = (_smooth_noise(rng, size, int(rng.integers(3, 9))) * 18 + rng.normal(0, 4, size=(size, size)))[..., None]
+    elif family == "stripes":
+        texture = (np.sin(2 * math.pi * along * rng.uniform(3, 12)) * rng.uniform(6, 16))[..., None]
+    elif family == "texture":  # photo-like: smooth noise at four scales, a little colour in each channel
+        texture = sum(_smooth_noise(rng, size, cells, channels=3) * 16 / 1.6 ** octave
+                      for octave, cells in enumerate((3, 6, 12, 24)))
+    elif family == "checker":
+        period = rng.uniform(3, 10)
+        texture = (np.sign(np.sin(2 * math.pi * along * period) * np.sin(2 * math.pi * across * period))
+                   * rng.uniform(6, 18))[..., None]
+    elif family == "radial":
+        cx, cy = rng.uniform(0, 1, size=2)
+        distance = np.hypot(xx - cx, yy - cy)  # (size, size)
+        texture = ((distance - distance.mean()) * rng.uniform(-90, 90))[..., None]
+    elif family == "blotches":  # two tones in soft-edged patches
+        tone = 1 / (1 + np.exp(-4 * _smooth_noise(rng, size, int(rng.integers(3, 7)))))  # (size, size)
+        texture = (tone - 0.5)[..., None] * (rng.uniform(30, 60) + rng.uniform(-10, 10, size=3))
+    else:
+        raise ValueError(f"unknown background family {family!r}")
+    return np.clip(base + texture, 0, 255)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int | None = None) -> np.ndarray:
+    """Unit normal noise on a cells x cells grid, bilinearly upsampled: (size, size) or (size, size, channels)."""
+    if channels is not None:
+        return np.stack([_smooth_noise(rng, size, cells) for _ in range(channels)], axis=-1)
+    field_ = rng.normal(0, 1, size=(cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(field_).resize((size, size), Image.BILINEAR))
+
+
+def _place(rng: np.random.Generator, size: int, radii: list[float],
+           spacing: float = 0.9) -> list[tuple[float, float]] | None:
+    """Centres for discs of the given radii, at least `spacing` * (r_i + r_j) apart (0.9: overlapping at most
+    lightly); None if rejection fails."""
     centres: list[tuple[float, float]] = []
     for radius in radii:
         for _ in range(200):
             cx, cy = rng.uniform(radius, size - radius, size=2)
-            if all(math.hypot(cx - ox, cy - oy) > 0.9 * (radius + orad)
+            if all(math.hypot(cx - ox, cy - oy) > spacing * (radius + orad)
                    for (ox, oy), orad in zip(centres, radii)):
                 centres.append((float(cx), float(cy)))
                 break
@@ -251,7 +361,7 @@ def _questions(rng: np.random.Generator, objects: list[SceneObject]) -> list[dic
 
 def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None = None,
                share_prob: float = 0.5, color_bias: float = 0.0, distinct_shapes: bool = False,
-               colour_rule: ColourRule = FREE) -> Scene:
+               colour_rule: ColourRule = FREE, style: str = "classic") -> Scene:
     """Draw one scene.
 
     Args:
@@ -265,13 +375,32 @@ def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None =
         colour_rule: how colour follows shape (`free`: as `color_bias` says). Every object's (shape, colour)
             follows the rule; in scenes of several objects, redrawing pairs that repeat (all pairs are
             distinct) lowers the usual-colour rate of `biased(p)` somewhat below p.
+        style: the renderer, `classic`, `varied` or `shifted` (see the module docstring).
     """
+    check_style(style)
     if colour_rule != FREE and color_bias:
         raise UsageError(f"color_bias applies to the free colour rule only, not to {colour_rule}")
     count = int(n_objects or rng.integers(1, 5))
     if not 1 <= count <= 4:
         raise ValueError(f"n_objects must be in 1..4, got {count}")
     pairs = _pick_attributes(rng, count, share_prob, color_bias, distinct_shapes, colour_rule)
+    if style == "classic":
+        canvas, masks = _render_classic(rng, size, pairs)
+    else:
+        canvas, masks = _render_styled(rng, size, pairs, STYLES[style])
+    objects = []
+    for k, ((shape, color), mask) in enumerate(zip(pairs, masks)):
+        ys, xs = np.nonzero(mask)
+        objects.append(SceneObject(k, shape, color, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                                   mask))
+    image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return Scene(image, objects, _captions(objects), _questions(rng, objects))
+
+
+def _render_classic(rng: np.random.Generator, size: int,
+                    pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The original renderer: the canvas, (size, size, 3) float, and each object's visible mask."""
+    count = len(pairs)
     scale = {1: (0.20, 0.34), 2: (0.14, 0.22), 3: (0.12, 0.18), 4: (0.11, 0.16)}[count]
     while True:
         radii = sorted((rng.uniform(*scale) * size for _ in range(count)), reverse=True)
@@ -279,19 +408,85 @@ def make_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None =
         if centres is not None:
             break
     canvas = _background(rng, size)
-    objects = []
-    for k, ((shape, color), (cx, cy), radius) in enumerate(zip(pairs, centres, radii)):
+    masks = []
+    for (shape, color), (cx, cy), radius in zip(pairs, centres, radii):
         coverage = _shape_mask(shape, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
         shade = _jitter_color(rng, color) * rng.uniform(0.92, 1.0, size=(size, size, 1))
         canvas = canvas * (1 - coverage[..., None]) + shade * coverage[..., None]
-        objects.append(SceneObject(k, shape, color, (0, 0, 0, 0), coverage >= 0.5))
-    for i, obj in enumerate(objects):  # later objects occlude earlier ones
-        for later in objects[i + 1:]:
-            obj.mask &= ~later.mask
-        ys, xs = np.nonzero(obj.mask)
-        obj.box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    image = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
-    return Scene(image, objects, _captions(objects), _questions(rng, objects))
+        masks.append(coverage >= 0.5)
+    for i, mask in enumerate(masks):  # later objects occlude earlier ones
+        for later in masks[i + 1:]:
+            mask &= ~later
+    return canvas, masks
+
+
+def _render_styled(rng: np.random.Generator, size: int, pairs: list[tuple[str, str]],
+                   style: Style) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A `varied` or `shifted` scene: the canvas, (size, size, 3) float, and each object's visible mask. The
+    geometry is redrawn until every object keeps `MIN_VISIBLE` of its mask in view."""
+    supersample = style.supersample[int(rng.integers(len(style.supersample)))]
+    canvas = _styled_background(rng, size, style.backgrounds[int(rng.integers(len(style.backgrounds)))])
+    lo, hi = style.scale[len(pairs)]
+    while True:
+        radii = sorted(((lo + (hi - lo) * rng.random() ** style.size_skew) * size for _ in pairs), reverse=True)
+        centres = _place(rng, size, radii, style.spacing)
+        if centres is None:
+            continue
+        layers = [_styled_layer(rng, style, shape, color, size, centre, radius, supersample)
+                  for (shape, color), centre, radius in zip(pairs, centres, radii)]
+        coverages = [coverage for coverage, _ in layers]
+        masks = _visible_masks(coverages)
+        if all(mask.sum() >= MIN_VISIBLE * (coverage > 0.5).sum() and mask.any()
+               for mask, coverage in zip(masks, coverages)):
+            break
+    for coverage, colour in layers:  # later objects are drawn over earlier ones
+        canvas = canvas * (1 - coverage[..., None]) + colour * coverage[..., None]
+    return canvas, masks
+
+
+def _visible_masks(coverages: list[np.ndarray]) -> list[np.ndarray]:
+    """Where each layer makes up more than half of the final colour, with later layers drawn on top."""
+    masks, above = [], np.ones_like(coverages[0])
+    for coverage in reversed(coverages):
+        masks.append(coverage * above > 0.5)
+        above = above * (1 - coverage)
+    return masks[::-1]
+
+
+def _styled_layer(rng: np.random.Generator, style: Style, shape: str, color: str, size: int,
+                  centre: tuple[float, float], radius: float, supersample: int) -> tuple[np.ndarray, np.ndarray]:
+    """One object's coverage, (size, size) in [0, 1], and colour, (size, size, 3) float."""
+    thickness = rng.uniform(*style.thickness[shape]) if shape in style.thickness else None
+    aspect = math.exp(rng.uniform(*np.log(style.aspect)))
+    angle = rng.uniform(0, 2 * math.pi)
+    polygons = [_outline(shape, 0.0, 0.0, radius, 0.0, thickness)]
+    if shape == "ring":
+        polygons.append(_outline("circle", 0.0, 0.0, radius * thickness, 0.0))
+    polygons = [_pose(polygon, centre, angle, aspect) for polygon in polygons]
+    coverage = _rasterise(polygons, size, supersample)
+    fill = _styled_colour(rng, color)
+    colour = fill * rng.uniform(0.88, 1.0, size=(size, size, 1))
+    if rng.random() < style.outline:
+        stroke = _rasterise(polygons, size, supersample, style.outline_width)[..., None]
+        colour = colour * (1 - stroke) + fill * style.outline_tone * stroke
+        coverage = np.maximum(coverage, stroke[..., 0])
+    return coverage, colour
+
+
+def _pose(polygon: list[tuple[float, float]], centre: tuple[float, float], angle: float,
+          aspect: float) -> list[tuple[float, float]]:
+    """A polygon drawn around the origin, stretched to width / height `aspect`, rotated and moved to `centre`."""
+    sx, sy = math.sqrt(aspect), 1 / math.sqrt(aspect)
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(centre[0] + x * sx * cos - y * sy * sin, centre[1] + x * sx * sin + y * sy * cos) for x, y in polygon]
+
+
+def _styled_colour(rng: np.random.Generator, color: str) -> np.ndarray:
+    """The name's colour with its hue within +-HUE_JITTER, lightness x[0.8, 1.2] and saturation x[0.8, 1]."""
+    h, l, sat = colorsys.rgb_to_hls(*(c / 255.0 for c in COLOR_RGB[color]))
+    h = (h + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
+    l = float(np.clip(l * rng.uniform(0.8, 1.2), 0.2, 0.8))
+    return np.array(colorsys.hls_to_rgb(h, l, sat * rng.uniform(0.8, 1.0)), dtype=np.float32) * 255.0
 
 
 def scene_at(seed: int, index: int, **kwargs) -> Scene:
