@@ -22,3 +22,17 @@ def test_recipe_exports_loadable_deterministic_weights(tmp_path, recipe, loader)
     weights = tmp_path / "a" / f"{loader}.safetensors"
     adapter = load_model(loader, str(weights))
     assert adapter.name == loader
+
+
+@pytest.mark.parametrize("recipe, loader", [("shapes_clip", "shapes-clip"), ("shapes_vit", "shapes-vit")])
+def test_recipe_records_its_world_styles_in_the_weights(tmp_path, recipe, loader):
+    import importlib
+
+    from safetensors import safe_open
+
+    module = importlib.import_module(f"xattn_cli.train.{recipe}")
+    module.main(["--work", str(tmp_path), "--steps", "1", "--batch-size", "4", "--style", "varied",
+                 "--eval-style", "shifted"])
+    with safe_open(str(tmp_path / f"{loader}.safetensors"), "pt") as weights:
+        metadata = weights.metadata()
+    assert metadata["style"] == "varied" and metadata["eval_style"] == "shifted"

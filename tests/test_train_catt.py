@@ -58,3 +58,26 @@ def test_recipe_writes_loadable_folders(tmp_path):
     catt_tokens = catt.dictionary_features(images).features.reshape(-1, 16)  # members: CATT's own tokens
     nearest = torch.cdist(saved.entries.double(), catt_tokens.double()).argmin(1)  # (K,)
     assert (saved.members[:, 0, 0] * 16 + saved.members[:, 0, 1]).tolist() == nearest.tolist()
+
+
+def test_recipe_records_its_world_styles_and_builds_the_dictionary_on_the_training_style(tmp_path):
+    from xattn_cli.dictionary import kmeans, load_dictionary
+    from xattn_cli.models.registry import load_model
+    from xattn_cli.train import shapes_catt
+    from xattn_cli.world.shapes import ColourRule, scene_at
+
+    config = tmp_path / "catt.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    recipes = shapes_catt.main(["--out", str(out), "--steps", "1", "--batch-size", "4", "--eval-scenes", "4",
+                                "--warmup", "1", "--workers", "0", "--dictionary-scenes", "4", "--config",
+                                str(config), "--style", "varied", "--eval-style", "shifted"])
+    for folder, recipe in recipes.items():
+        assert recipe["style"] == "varied" and recipe["held_out"]["style"] == "shifted", folder
+        assert json.loads((out / folder / "xattn.json").read_text())["recipe"] == recipe
+    base = load_model(f"hf:{out / 'shapes-catt-base'}")
+    rule = ColourRule.parse("biased:0.9")
+    images = [scene_at(3, index, size=32, colour_rule=rule, style="varied").image for index in range(4)]
+    base_tokens = base.dictionary_features(images).features.reshape(-1, 16)  # (4·16, 16)
+    saved = load_dictionary(out / "shapes-catt" / "dictionary.safetensors", k=6, dim=16)
+    torch.testing.assert_close(saved.entries, kmeans(base_tokens, 6, seed=0).centroids.float())

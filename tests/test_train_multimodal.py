@@ -37,13 +37,13 @@ def _recipe(family):
     return shapes_detr if family == "detr" else shapes_vqa
 
 
-def _run(family, tmp_path, out, steps=5):
+def _run(family, tmp_path, out, steps=5, extra=()):
     config = tmp_path / f"{family}.json"
     config.write_text(json.dumps(TINY[family]))
     family_args = [] if family == "detr" else ["--family", family]
     return _recipe(family).main(family_args + ["--out", str(out), "--steps", str(steps), "--batch-size", "4",
                                                "--eval-every", "2", "--eval-scenes", "4", "--warmup", "2",
-                                               "--workers", "0", "--config", str(config)])
+                                               "--workers", "0", "--config", str(config), *extra])
 
 
 def _fixed_batch_model(family, tmp_path):
@@ -127,6 +127,15 @@ def test_killed_run_resumes_to_the_same_weights_and_loads_as_hf_folder(tmp_path,
         assert targets[0].extra["answer"] in adapter.answers and len(adapter.answers) == 14
         assert "[UNK]" not in [t["token"] for t in targets[0].extra["tokens"]]
     assert targets[0].map.shape == (40, 40) and torch.isfinite(torch.as_tensor(targets[0].map)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_records_its_world_styles(tmp_path, family):
+    recipe = _run(family, tmp_path, tmp_path / "run", steps=1, extra=["--style", "varied", "--eval-style", "shifted"])
+    saved = json.loads((tmp_path / "run" / "xattn.json").read_text())["recipe"]
+    assert saved == recipe and recipe["style"] == "varied" and recipe["held_out"]["style"] == "shifted"
+    default = _run(family, tmp_path, tmp_path / "default", steps=1)
+    assert default["style"] == "classic" and default["held_out"]["style"] == "classic"
 
 
 def test_exact_matcher_finds_the_cheapest_assignment():

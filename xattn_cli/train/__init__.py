@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xattn_cli.world.shapes import COLORS, SHAPES
+from xattn_cli.world.shapes import COLORS, SHAPES, STYLE_NAMES
+
+TRAINING_STYLES = tuple(style for style in STYLE_NAMES if style != "shifted")  # shifted: model selection, cards
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -142,7 +144,27 @@ def run_arguments(description: str, *, steps: int, lr: float, warmup: int, eval_
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1, help="processes drawing training scenes (0: none)")
     parser.add_argument("--config", help="architecture JSON (default: the model's file in configs/)")
+    add_style_arguments(parser)
     return parser
+
+
+def training_style(text: str) -> str:
+    """`--style`: a world style a model may be trained on (never `shifted`, kept for model selection and cards)."""
+    import argparse
+
+    if text not in TRAINING_STYLES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a training style: use {' or '.join(TRAINING_STYLES)} "
+                                         "(shifted is for model selection and cards only)")
+    return text
+
+
+def add_style_arguments(parser) -> None:
+    """`--style` (the training scenes' world style) and `--eval-style` (the held-out scenes'), both `classic` by
+    default: the original streams."""
+    parser.add_argument("--style", type=training_style, default="classic", metavar="{%s}" % ",".join(TRAINING_STYLES),
+                        help=f"world style of the training scenes: {' or '.join(TRAINING_STYLES)}")
+    parser.add_argument("--eval-style", choices=STYLE_NAMES, default="classic",
+                        help="world style of the held-out scenes (shifted: the style-shifted validation split)")
 
 
 def cell_labels(scene, grid: tuple[int, int]) -> torch.Tensor:

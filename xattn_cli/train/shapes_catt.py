@@ -15,7 +15,8 @@ biased:0.9); seeded and resumable.
    tokens of the same scenes (members are named `train-<stream>/<scene index>`).
 
 Batches, loss (answer CE + `--cell-weight` × per-cell shape/colour CE on the stem), schedule and held-out
-evaluation (neutral stream 12000) are those of `train.shapes_vqa`. Each folder is a CATT model folder
+evaluation (neutral stream 12000) are those of `train.shapes_vqa`, as are `--style` (training and dictionary
+scenes) and `--eval-style` (held-out scenes). Each folder is a CATT model folder
 (`models/catt.py`; `hf:DIR` loads it) plus `log.jsonl` and `checkpoint.pt`; a rerun with the same arguments
 resumes.
 """
@@ -57,19 +58,19 @@ def initial_pair(cfg: dict, tokenizer, seed: int):
     return catt, copy.deepcopy(head), base, head
 
 
-def scene_tokens(adapter, count: int, size: int, colour_rule: ColourRule, batch_size: int):
-    """The tokens CS-ATT reads, of the first `count` training scenes, as `xattn dictionary build` gathers them."""
+def scene_tokens(adapter, count: int, load, batch_size: int):
+    """The tokens CS-ATT reads, of the first `count` training scenes (`load`: `scene_image` with the scenes'
+    size, colour rule and style), as `xattn dictionary build` gathers them."""
     names = [f"train-{TRAIN_SEED}/{index}" for index in range(count)]
     adapter.model.eval()
-    tokens = gather_tokens(adapter.dictionary_features, names, names, batch_size=batch_size,
-                           load=partial(scene_image, size=size, colour_rule=colour_rule))
+    tokens = gather_tokens(adapter.dictionary_features, names, names, batch_size=batch_size, load=load)
     adapter.model.train()
     return tokens
 
 
-def scene_image(name: str, size: int, colour_rule: ColourRule):
+def scene_image(name: str, size: int, colour_rule: ColourRule, style: str = "classic"):
     """The training scene a `train-<stream>/<index>` name stands for."""
-    return scene_at(TRAIN_SEED, int(name.rsplit("/", 1)[1]), size=size, colour_rule=colour_rule).image
+    return scene_at(TRAIN_SEED, int(name.rsplit("/", 1)[1]), size=size, colour_rule=colour_rule, style=style).image
 
 
 def fit_model(adapter, head, cfg: dict, out: Path, args: argparse.Namespace, held_out: HeldOut) -> None:
@@ -86,7 +87,7 @@ def fit_model(adapter, head, cfg: dict, out: Path, args: argparse.Namespace, hel
                             optimizer)
     grid = GridRegions(source.grid, source.cell)
     batches = partial(training_batch, batch_size=args.batch_size, source=grid, size=cfg["image_size"],
-                      colour_rule=ColourRule.parse(args.colour_rule))
+                      colour_rule=ColourRule.parse(args.colour_rule), style=args.style)
     fit(batches, partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint,
         partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup,
         eval_every=args.eval_every, workers=args.workers)
@@ -101,8 +102,10 @@ def export(adapter, cfg: dict, held_out: HeldOut, out: Path, args: argparse.Name
     save_catt_folder(adapter, out, cfg["regions"], dtype)
     recipe = {"module": "xattn_cli.train.shapes_catt", "model": adapter.name, "steps": args.steps,
               "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "colour_rule": args.colour_rule,
-              "dictionary_scenes": args.dictionary_scenes, "storage": str(dtype).removeprefix("torch."),
-              "held_out": {"scenes": args.eval_scenes, "questions": len(held_out.items), "fp32": full, "fp16": half}}
+              "style": args.style, "dictionary_scenes": args.dictionary_scenes,
+              "storage": str(dtype).removeprefix("torch."),
+              "held_out": {"style": args.eval_style, "scenes": args.eval_scenes, "questions": len(held_out.items),
+                           "fp32": full, "fp16": half}}
     xattn = json.loads((out / "xattn.json").read_text())
     (out / "xattn.json").write_text(json.dumps({**xattn, "recipe": recipe}, indent=2) + "\n")
     return recipe
@@ -115,23 +118,22 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer(out)
     catt, catt_head, base, base_head = initial_pair(cfg, tokenizer, args.seed)
-    held_out = HeldOut(base.regions, args.eval_scenes, cfg["image_size"])
-    colour_rule, size = ColourRule.parse(args.colour_rule), cfg["image_size"]
+    held_out = HeldOut(base.regions, args.eval_scenes, cfg["image_size"], args.eval_style)
+    load = partial(scene_image, size=cfg["image_size"], colour_rule=ColourRule.parse(args.colour_rule),
+                   style=args.style)
 
     fit_model(base, base_head, cfg, out / BASE, args, held_out)
     base_recipe = export(base, cfg, held_out, out / BASE, args, out / "vocab.txt")
 
-    features = scene_tokens(base, args.dictionary_scenes, size, colour_rule, args.batch_size)
-    dictionary = build_dictionary(features, cfg["model"]["dictionary_size"], seed=args.seed,
-                                  load=partial(scene_image, size=size, colour_rule=colour_rule),
+    features = scene_tokens(base, args.dictionary_scenes, load, args.batch_size)
+    dictionary = build_dictionary(features, cfg["model"]["dictionary_size"], seed=args.seed, load=load,
                                   info={"model": BASE, "feature": "causal attention queries (region tokens)"})
     catt.load_dictionary(dictionary)  # a frozen buffer: the optimizer never sees it
     fit_model(catt, catt_head, cfg, out / CATT, args, held_out)
     catt_recipe = export(catt, cfg, held_out, out / CATT, args, out / "vocab.txt")
 
-    own = scene_tokens(catt, args.dictionary_scenes, size, colour_rule, args.batch_size)
-    described = describe_entries(own, catt.model.causal.dictionary, load=partial(scene_image, size=size,
-                                                                                  colour_rule=colour_rule),
+    own = scene_tokens(catt, args.dictionary_scenes, load, args.batch_size)
+    described = describe_entries(own, catt.model.causal.dictionary, load=load,
                                  info={**dictionary.info, "members_from": CATT})
     save_dictionary(out / CATT / DICTIONARY_FILE, described)
     return {BASE: base_recipe, CATT: catt_recipe}

@@ -6,7 +6,9 @@ Losses (DESIGN §7): multi-positive InfoNCE between images and object captions (
 of every image that contains its object, so the 36 classes cause no false negatives), a zero-shot
 loss against the 36 class captions, and an auxiliary shape head on the image embedding (dropped after
 training) because shape is learnt far more slowly than colour. Half the captions are wrapped in one of
-the 85 ensemble templates so that ensemble prompts stay in distribution.
+the 85 ensemble templates so that ensemble prompts stay in distribution. Training scenes are drawn in world style
+`--style` (classic or varied), the held-out zero-shot scenes in `--eval-style` (shifted: the style-shifted
+validation split); both go into the weights' metadata.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from safetensors.torch import save_file
 
 from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
-from xattn_cli.train import lr_at
+from xattn_cli.train import add_style_arguments, lr_at
 from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
 from xattn_cli.text import WordTokenizer, build_vocabulary, ensemble_templates
@@ -44,10 +46,11 @@ def normalize_pixels(images: np.ndarray | torch.Tensor, cfg: dict) -> torch.Tens
 
 
 class SceneBatches(torch.utils.data.IterableDataset):
-    """Batch `step` of the training stream is a pure function of (seed, step)."""
+    """Batch `step` of the training stream (drawn in world style `style`) is a pure function of (seed, step)."""
 
-    def __init__(self, batch_size: int, size: int, start_step: int, templates: list[str]):
+    def __init__(self, batch_size: int, size: int, start_step: int, templates: list[str], style: str = "classic"):
         self.batch_size, self.size, self.start_step, self.templates = batch_size, size, start_step, templates
+        self.style = style
 
     def __iter__(self):
         step = self.start_step
@@ -56,7 +59,8 @@ class SceneBatches(torch.utils.data.IterableDataset):
             images, present, captions, caption_class = [], [], [], []
             for i in range(self.batch_size):
                 n_objects = 1 if rng.random() < 0.4 else int(rng.integers(2, 5))
-                scene = scene_at(TRAIN_SEED, step * self.batch_size + i, size=self.size, n_objects=n_objects)
+                scene = scene_at(TRAIN_SEED, step * self.batch_size + i, size=self.size, n_objects=n_objects,
+                                 style=self.style)
                 images.append(np.asarray(scene.image))
                 labels = np.zeros(len(CLASS_CAPTIONS), dtype=np.float32)
                 for obj in scene.objects:
@@ -79,10 +83,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, cfg: dict, n: int = 360, size: int = 64) -> float:
-    """Top-1 over the 36 plain class captions on held-out single-object scenes."""
+def zero_shot_accuracy(model, tokenizer, cfg: dict, n: int = 360, size: int = 64, style: str = "classic") -> float:
+    """Top-1 over the 36 plain class captions on held-out single-object scenes drawn in world style `style`."""
     model.eval()
-    scenes = [scene_at(EVAL_SEED, i, size=size, n_objects=1) for i in range(n)]
+    scenes = [scene_at(EVAL_SEED, i, size=size, n_objects=1, style=style) for i in range(n)]
     pixels = normalize_pixels(np.stack([np.asarray(s.image) for s in scenes]), cfg)
     image_emb = F.normalize(model.encode_image(pixels), dim=-1)
     text_emb = F.normalize(model.encode_text(tokenizer(CLASS_CAPTIONS)), dim=-1)
@@ -116,7 +120,7 @@ def train(args: argparse.Namespace) -> None:
         start = state["step"] + 1
     templates = ensemble_templates()
     loader = torch.utils.data.DataLoader(
-        SceneBatches(args.batch_size, cfg["arch"]["vision_cfg"]["image_size"], start, templates),
+        SceneBatches(args.batch_size, cfg["arch"]["vision_cfg"]["image_size"], start, templates, args.style),
         batch_size=None, num_workers=1, prefetch_factor=4)
     log = open(work / "log.jsonl", "a")
     model.train()
@@ -151,7 +155,7 @@ def train(args: argparse.Namespace) -> None:
                   "zero_shot": round(zero_shot.item(), 4), "shape": round(shape_loss.item(), 4),
                   "elapsed_s": round(time.time() - began, 1)}
         if step % args.eval_every == 0 or step == args.steps - 1:
-            record["zero_shot_acc"] = zero_shot_accuracy(model, tokenizer, cfg)
+            record["zero_shot_acc"] = zero_shot_accuracy(model, tokenizer, cfg, style=args.eval_style)
             torch.save({"model": model.state_dict(), "shape_head": shape_head.state_dict(),
                         "optimizer": optimizer.state_dict(), "step": step}, work / "checkpoint.tmp")
             (work / "checkpoint.tmp").replace(checkpoint)
@@ -164,7 +168,8 @@ def export(model, tokenizer: WordTokenizer, work: Path, args: argparse.Namespace
     """Weights as fp16 safetensors + the vocabulary file, in `work/` (copy to assets/ when final)."""
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / "shapes-clip.safetensors"),
-              metadata={"recipe": "xattn_cli.train.shapes_clip", "steps": str(args.steps), "seed": str(args.seed)})
+              metadata={"recipe": "xattn_cli.train.shapes_clip", "steps": str(args.steps), "seed": str(args.seed),
+                        "style": args.style, "eval_style": args.eval_style})
     tokenizer.save(work / "shapes-clip.vocab.txt")
 
 
@@ -178,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape-weight", type=float, default=0.5)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    add_style_arguments(parser)
     train(parser.parse_args(argv))
 
 

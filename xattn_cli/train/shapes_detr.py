@@ -9,7 +9,9 @@ DETR set loss (`ImageLoss`: cross-entropy with the no-object class down-weighted
 (cx, cy, w, h) boxes, the same on every decoder layer) over the matching HF's `HungarianMatcher` defines, solved
 exactly by `ExactMatcher` (HF's needs scipy), plus an auxiliary shape loss on each cell of the backbone's
 feature map (its head is dropped after training). Held out: the first `--eval-scenes` scenes of stream seed 13000;
-the metric is mAP@0.5 (`xattn_cli.eval.detection`), every query a detection scored by its best class.
+the metric is mAP@0.5 (`xattn_cli.eval.detection`), every query a detection scored by its best class. Training
+scenes are drawn in world style `--style` (classic or varied), held-out ones in `--eval-style` (shifted: the
+style-shifted validation split).
 
 DIR ends up a `hf:DIR` folder: `config.json` + `model.safetensors` (fp16 where mAP holds),
 `preprocessor_config.json` (input size, mean, std), `xattn.json` (the recipe's figures), `log.jsonl` and
@@ -67,10 +69,11 @@ def backbone_grid(cfg: dict) -> tuple[int, int]:
 
 
 def training_batch(step: int, batch_size: int, size: int, mean: list[float], std: list[float],
-                   grid: tuple[int, int]):
-    """Normalised pixels (B, 3, H, W) of scenes step·B … step·B + B − 1, their labels, and the shape under
-    each cell of the backbone's feature map (B, R, 1)."""
-    scenes = [scene_at(TRAIN_SEED, index, size=size) for index in range(step * batch_size, (step + 1) * batch_size)]
+                   grid: tuple[int, int], style: str = "classic"):
+    """Normalised pixels (B, 3, H, W) of scenes step·B … step·B + B − 1 (in world style `style`), their labels,
+    and the shape under each cell of the backbone's feature map (B, R, 1)."""
+    scenes = [scene_at(TRAIN_SEED, index, size=size, style=style)
+              for index in range(step * batch_size, (step + 1) * batch_size)]
     pixels = normalize(np.stack([np.asarray(s.image) for s in scenes]), mean, std)
     return pixels, [scene_targets(s) for s in scenes], torch.stack([cell_labels(s, grid)[:, :1] for s in scenes])
 
@@ -154,10 +157,11 @@ def batch_loss(model, criterion, weights: dict, head: torch.nn.Linear, cell_weig
 
 
 class HeldOut:
-    """The first `count` scenes of the held-out stream: pixels and ground truth in pixels."""
+    """The first `count` scenes of the held-out stream, drawn in world style `style`: pixels and ground truth in
+    pixels."""
 
-    def __init__(self, count: int, size: int, mean: list[float], std: list[float]):
-        scenes = [scene_at(EVAL_SEED, index, size=size) for index in range(count)]
+    def __init__(self, count: int, size: int, mean: list[float], std: list[float], style: str = "classic"):
+        scenes = [scene_at(EVAL_SEED, index, size=size, style=style) for index in range(count)]
         self.pixels = normalize(np.stack([np.asarray(s.image) for s in scenes]), mean, std)  # (N, 3, H, W)
         self.truths = [[(SHAPES.index(o.shape), o.box) for o in s.objects] for s in scenes]
         self.size = (size, size)
@@ -189,8 +193,10 @@ def export(adapter: DetrAdapter, cfg: dict, held_out: HeldOut, out: Path, args: 
                  "image_std": cfg["preprocess"]["std"]}
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     recipe = {"module": "xattn_cli.train.shapes_detr", "steps": args.steps, "seed": args.seed,
-              "batch_size": args.batch_size, "lr": args.lr, "storage": str(dtype).removeprefix("torch."),
-              "held_out": {"seed": EVAL_SEED, "scenes": args.eval_scenes, "fp32": full, "fp16": half}}
+              "batch_size": args.batch_size, "lr": args.lr, "style": args.style,
+              "storage": str(dtype).removeprefix("torch."),
+              "held_out": {"seed": EVAL_SEED, "style": args.eval_style, "scenes": args.eval_scenes, "fp32": full,
+                           "fp16": half}}
     (out / "xattn.json").write_text(json.dumps({"recipe": recipe}, indent=2) + "\n")
     return recipe
 
@@ -209,8 +215,9 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=1e-4)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "cell_head": head}, optimizer)
     criterion, weights = set_loss(model.config)
-    held_out = HeldOut(args.eval_scenes, size, mean, std)
-    draw = partial(training_batch, batch_size=args.batch_size, size=size, mean=mean, std=std, grid=backbone_grid(cfg))
+    held_out = HeldOut(args.eval_scenes, size, mean, std, args.eval_style)
+    draw = partial(training_batch, batch_size=args.batch_size, size=size, mean=mean, std=std, grid=backbone_grid(cfg),
+                   style=args.style)
     loss = partial(batch_loss, model, criterion.to(args.device), weights, head, args.cell_weight)
     fit(draw, loss, optimizer, checkpoint, partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps,
         lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, workers=args.workers)

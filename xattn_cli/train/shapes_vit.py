@@ -3,7 +3,8 @@
     python -m xattn_cli.train.shapes_vit --steps 3000 --work /tmp/shapes-vit-run
 
 Scenes hold 1–3 objects of distinct shapes in random colours; the loss is binary cross-entropy over
-the six shapes.
+the six shapes. Training scenes are drawn in world style `--style` (classic or varied), held-out ones in
+`--eval-style` (shifted: the style-shifted validation split); both go into the weights' metadata.
 """
 from __future__ import annotations
 
@@ -21,39 +22,41 @@ from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
 from xattn_cli.models.base import normalize
 from xattn_cli.models.vit import build_vit
-from xattn_cli.train import lr_at
+from xattn_cli.train import add_style_arguments, lr_at
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 2, 11_000
 
 
-def scene_batch(seed: int, start: int, count: int, size: int, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised pixels (B, 3, H, W) and multi-hot shapes (B, 6) for scenes start..start+count."""
+def scene_batch(seed: int, start: int, count: int, size: int, cfg: dict, style: str = "classic"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixels (B, 3, H, W) and multi-hot shapes (B, 6) for scenes start..start+count, drawn in world
+    style `style`."""
     images, labels = [], []
     for index in range(start, start + count):
-        scene = scene_at(seed, index, size=size, n_objects=1 + index % 3, distinct_shapes=True)
+        scene = scene_at(seed, index, size=size, n_objects=1 + index % 3, distinct_shapes=True, style=style)
         images.append(np.asarray(scene.image))
         labels.append([float(any(o.shape == s for o in scene.objects)) for s in SHAPES])
     return normalize(np.stack(images), cfg["preprocess"]["mean"], cfg["preprocess"]["std"]), torch.tensor(labels)
 
 
 class Batches(torch.utils.data.IterableDataset):
-    def __init__(self, cfg: dict, batch_size: int, start_step: int):
-        self.cfg, self.batch_size, self.start_step = cfg, batch_size, start_step
+    def __init__(self, cfg: dict, batch_size: int, start_step: int, style: str = "classic"):
+        self.cfg, self.batch_size, self.start_step, self.style = cfg, batch_size, start_step, style
 
     def __iter__(self):
         step = self.start_step
         size = self.cfg["hf_config"]["image_size"]
         while True:
-            yield step, *scene_batch(TRAIN_SEED, step * self.batch_size, self.batch_size, size, self.cfg)
+            yield step, *scene_batch(TRAIN_SEED, step * self.batch_size, self.batch_size, size, self.cfg, self.style)
             step += 1
 
 
 @torch.no_grad()
-def evaluate(model, cfg: dict, n: int = 600) -> dict[str, float]:
-    """Per-shape (binary) accuracy and exact-set accuracy on held-out scenes."""
+def evaluate(model, cfg: dict, n: int = 600, style: str = "classic") -> dict[str, float]:
+    """Per-shape (binary) accuracy and exact-set accuracy on held-out scenes drawn in world style `style`."""
     model.eval()
-    pixels, labels = scene_batch(EVAL_SEED, 0, n, cfg["hf_config"]["image_size"], cfg)
+    pixels, labels = scene_batch(EVAL_SEED, 0, n, cfg["hf_config"]["image_size"], cfg, style)
     predicted = (model(pixel_values=pixels).logits > 0).float()
     model.train()
     return {"per_shape_accuracy": (predicted == labels).float().mean().item(),
@@ -74,8 +77,8 @@ def train(args: argparse.Namespace) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"] + 1
-    loader = torch.utils.data.DataLoader(Batches(cfg, args.batch_size, start), batch_size=None, num_workers=1,
-                                         prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(Batches(cfg, args.batch_size, start, args.style), batch_size=None,
+                                         num_workers=1, prefetch_factor=4)
     log = open(work / "log.jsonl", "a")
     began = time.time()
     model.train()
@@ -91,7 +94,7 @@ def train(args: argparse.Namespace) -> None:
         optimizer.step()
         record = {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - began, 1)}
         if step % args.eval_every == 0 or step == args.steps - 1:
-            record.update(evaluate(model, cfg))
+            record.update(evaluate(model, cfg, style=args.eval_style))
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
                        work / "checkpoint.tmp")
             (work / "checkpoint.tmp").replace(checkpoint)
@@ -99,7 +102,8 @@ def train(args: argparse.Namespace) -> None:
         log.flush()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / "shapes-vit.safetensors"),
-              metadata={"recipe": "xattn_cli.train.shapes_vit", "steps": str(args.steps), "seed": str(args.seed)})
+              metadata={"recipe": "xattn_cli.train.shapes_vit", "steps": str(args.steps), "seed": str(args.seed),
+                        "style": args.style, "eval_style": args.eval_style})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    add_style_arguments(parser)
     train(parser.parse_args(argv))
 
 

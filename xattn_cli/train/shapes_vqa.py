@@ -9,7 +9,8 @@ and no (cross-entropy over the 14), plus an auxiliary per-cell shape and colour 
 dropped after training). Visual tokens: a small CNN (`GridStem`, trained with the model) gives one
 feature per cell of an 8×8 grid, with the cell's normalised box (`StemGridRegions`). Questions use a word-level
 vocabulary (`vocab.txt`, BERT special tokens + the world's words). Held out: every question of the first
-`--eval-scenes` scenes of stream seed 12000; the metric is answer accuracy.
+`--eval-scenes` scenes of stream seed 12000; the metric is answer accuracy. Training scenes are drawn in world
+style `--style` (classic or varied), held-out ones in `--eval-style` (shifted: the style-shifted validation split).
 
 DIR ends up a `hf:DIR` folder: `config.json` + `model.safetensors` (fp16 where accuracy holds), the tokenizer
 (`vocab.txt`), `region_stem.safetensors`, `xattn.json` (regions and the recipe's figures), `log.jsonl` and
@@ -63,13 +64,14 @@ def build_adapter(cfg: dict, family: str, tokenizer):
     return build_region_vqa(family, cfg, tokenizer, ANSWERS)
 
 
-def training_batch(step: int, batch_size: int, source: GridRegions, size: int, colour_rule: ColourRule = FREE):
-    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1 (drawn under `colour_rule`), one question of each,
-    answer indices (B,), and the cells' shape and colour labels (B, R, 2)."""
+def training_batch(step: int, batch_size: int, source: GridRegions, size: int, colour_rule: ColourRule = FREE,
+                   style: str = "classic"):
+    """Pixels (B, H, W, 3) of scenes step·B … step·B + B − 1 (drawn under `colour_rule`, in world style `style`),
+    one question of each, answer indices (B,), and the cells' shape and colour labels (B, R, 2)."""
     rng = np.random.default_rng([TRAIN_SEED, step, 7])
     images, questions, answers, cells = [], [], [], []
     for index in range(step * batch_size, (step + 1) * batch_size):
-        scene = scene_at(TRAIN_SEED, index, size=size, colour_rule=colour_rule)
+        scene = scene_at(TRAIN_SEED, index, size=size, colour_rule=colour_rule, style=style)
         qa = scene.qa[int(rng.integers(len(scene.qa)))]
         images.append(scene.image)
         questions.append(qa["question"])
@@ -101,10 +103,10 @@ def batch_loss(adapter, head: torch.nn.Linear, cell_weight: float, batch) -> tup
 
 
 class HeldOut:
-    """Every question of the first `count` scenes of the held-out stream."""
+    """Every question of the first `count` scenes of the held-out stream, drawn in world style `style`."""
 
-    def __init__(self, source: StemGridRegions, count: int, size: int):
-        scenes = [scene_at(EVAL_SEED, index, size=size) for index in range(count)]
+    def __init__(self, source: StemGridRegions, count: int, size: int, style: str = "classic"):
+        scenes = [scene_at(EVAL_SEED, index, size=size, style=style) for index in range(count)]
         self.pixels = source.pixels([scene.image for scene in scenes])  # (N, H, W, 3)
         self.items = [(i, qa["question"], qa["answer"]) for i, scene in enumerate(scenes) for qa in scene.qa]
 
@@ -142,9 +144,10 @@ def export(adapter, cfg: dict, held_out: HeldOut, out: Path, args: argparse.Name
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in stem.state_dict().items()}, str(out / STEM_FILE))
     regions = {**cfg["regions"], "stem": {**cfg["regions"]["stem"], "weights": STEM_FILE}}
     recipe = {"module": "xattn_cli.train.shapes_vqa", "family": args.family, "steps": args.steps, "seed": args.seed,
-              "batch_size": args.batch_size, "lr": args.lr, "storage": str(dtype).removeprefix("torch."),
-              "held_out": {"seed": EVAL_SEED, "scenes": args.eval_scenes, "questions": len(held_out.items),
-                           "fp32": full, "fp16": half}}
+              "batch_size": args.batch_size, "lr": args.lr, "style": args.style,
+              "storage": str(dtype).removeprefix("torch."),
+              "held_out": {"seed": EVAL_SEED, "style": args.eval_style, "scenes": args.eval_scenes,
+                           "questions": len(held_out.items), "fp32": full, "fp16": half}}
     (out / "xattn.json").write_text(json.dumps({"regions": regions, "recipe": recipe}, indent=2) + "\n")
     return recipe
 
@@ -164,9 +167,9 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem, "cell_head": head},
                             optimizer)
-    held_out = HeldOut(source, args.eval_scenes, size)
+    held_out = HeldOut(source, args.eval_scenes, size, args.eval_style)
     grid = GridRegions(source.grid, source.cell)  # the stem's input pixels, drawn without the stem
-    fit(partial(training_batch, batch_size=args.batch_size, source=grid, size=size),
+    fit(partial(training_batch, batch_size=args.batch_size, source=grid, size=size, style=args.style),
         partial(batch_loss, adapter, head, args.cell_weight), optimizer, checkpoint,
         partial(evaluate, adapter, held_out), out / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup,
         eval_every=args.eval_every, workers=args.workers)
