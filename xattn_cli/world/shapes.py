@@ -240,37 +240,37 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + texture, 0, 255)
 
 
-def _styled_background(rng: np.random.Generator, size: int, family: str) -> np.ndarray:
-    """A low-saturation background of one family, (size, size, 3) float in [0, 255]."""
+def _styled_background(rng: np.random.Generator, size: int, pattern: str) -> np.ndarray:
+    """A low-saturation background of one pattern (a background family), (size, size, 3) float in [0, 255]."""
     base = rng.uniform(60, 200) + rng.uniform(-12, 12, size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (size, size) each, in [0, 1)
     theta = rng.uniform(0, 2 * math.pi)
     along = xx * math.cos(theta) + yy * math.sin(theta)  # (size, size)
     across = yy * math.cos(theta) - xx * math.sin(theta)  # (size, size)
-    if family == "flat":
+    if pattern == "flat":
         texture = rng.normal(0, 2, size=(size, size, 1))
-    elif family == "gradient":
+    elif pattern == "gradient":
         texture = ((along - along.mean()) * rng.uniform(40, 90))[..., None]
-    elif family == "noise":
+    elif pattern == "noise":
         texture = (_smooth_noise(rng, size, int(rng.integers(3, 9))) * 18 + rng.normal(0, 4, size=(size, size)))[..., None]
-    elif family == "stripes":
+    elif pattern == "stripes":
         texture = (np.sin(2 * math.pi * along * rng.uniform(3, 12)) * rng.uniform(6, 16))[..., None]
-    elif family == "texture":  # photo-like: smooth noise at four scales, a little colour in each channel
+    elif pattern == "texture":  # photo-like: smooth noise at four scales, a little colour in each channel
         texture = sum(_smooth_noise(rng, size, cells, channels=3) * 16 / 1.6 ** octave
                       for octave, cells in enumerate((3, 6, 12, 24)))
-    elif family == "checker":
+    elif pattern == "checker":
         period = rng.uniform(3, 10)
         texture = (np.sign(np.sin(2 * math.pi * along * period) * np.sin(2 * math.pi * across * period))
                    * rng.uniform(6, 18))[..., None]
-    elif family == "radial":
+    elif pattern == "radial":
         cx, cy = rng.uniform(0, 1, size=2)
         distance = np.hypot(xx - cx, yy - cy)  # (size, size)
         texture = ((distance - distance.mean()) * rng.uniform(-90, 90))[..., None]
-    elif family == "blotches":  # two tones in soft-edged patches
+    elif pattern == "blotches":  # two tones in soft-edged patches
         tone = 1 / (1 + np.exp(-4 * _smooth_noise(rng, size, int(rng.integers(3, 7)))))  # (size, size)
         texture = (tone - 0.5)[..., None] * (rng.uniform(30, 60) + rng.uniform(-10, 10, size=3))
     else:
-        raise ValueError(f"unknown background family {family!r}")
+        raise ValueError(f"unknown background pattern {pattern!r}")
     return np.clip(base + texture, 0, 255)
 
 
