@@ -187,12 +187,20 @@ def _outline(shape: str, cx: float, cy: float, radius: float, angle: float,
     return points
 
 
+def _polygons(shape: str, cx: float, cy: float, radius: float, angle: float,
+              thickness: float | None = None) -> list[list[tuple[float, float]]]:
+    """The shape's outline and, for a ring, the hole cut out of it (`thickness`: as `_outline` takes it, or the
+    ring's hole radius relative to `radius`; None: the classic one)."""
+    thickness = CLASSIC_THICKNESS.get(shape) if thickness is None else thickness
+    polygons = [_outline(shape, cx, cy, radius, angle, thickness)]
+    if shape == "ring":
+        polygons.append(_outline("circle", cx, cy, radius * thickness, angle))
+    return polygons
+
+
 def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
     """Anti-aliased coverage in [0, 1], shape (size, size) (the classic renderer)."""
-    polygons = [_outline(shape, cx, cy, radius, angle)]
-    if shape == "ring":
-        polygons.append(_outline("circle", cx, cy, radius * CLASSIC_THICKNESS["ring"], angle))
-    return _rasterise(polygons, size, SUPERSAMPLE)
+    return _rasterise(_polygons(shape, cx, cy, radius, angle), size, SUPERSAMPLE)
 
 
 def _rasterise(polygons: list[list[tuple[float, float]]], size: int, supersample: int,
@@ -459,10 +467,7 @@ def _styled_layer(rng: np.random.Generator, style: Style, shape: str, color: str
     thickness = rng.uniform(*style.thickness[shape]) if shape in style.thickness else None
     aspect = math.exp(rng.uniform(*np.log(style.aspect)))
     angle = rng.uniform(0, 2 * math.pi)
-    polygons = [_outline(shape, 0.0, 0.0, radius, 0.0, thickness)]
-    if shape == "ring":
-        polygons.append(_outline("circle", 0.0, 0.0, radius * thickness, 0.0))
-    polygons = [_pose(polygon, centre, angle, aspect) for polygon in polygons]
+    polygons = [_pose(polygon, centre, angle, aspect) for polygon in _polygons(shape, 0.0, 0.0, radius, 0.0, thickness)]
     coverage = _rasterise(polygons, size, supersample)
     fill = _styled_colour(rng, color)
     colour = fill * rng.uniform(0.88, 1.0, size=(size, size, 1))
