@@ -9,13 +9,12 @@ embedded once as a style rule, however many targets list the entry.
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from xattn_cli.errors import UsageError
+from xattn_cli.render import escape, png_data_uri
 
 if TYPE_CHECKING:
     from xattn_cli.dictionary import DictionaryFile
@@ -41,7 +40,7 @@ class EntryStrips:
         dictionary = self._file(meta.get("dictionary"), meta.get("dictionary_sha256"))
         lines = [self._entry(meta, dictionary, entry) for entry in entries]
         if isinstance(dictionary, str):
-            lines.append(f"<small>no crops: {_escape(dictionary)}</small>")
+            lines.append(f"<small>no crops: {escape(dictionary)}</small>")
         return "<br>".join(lines)
 
     def styles(self) -> str:
@@ -53,7 +52,7 @@ class EntryStrips:
         if "count" in entry:
             text += f" · {int(entry['count'])} points"
         if isinstance(dictionary, str) or not 0 <= index < dictionary.crops.shape[0]:
-            return _escape(text)
+            return escape(text)
         key = (meta["dictionary"], meta.get("dictionary_sha256"), index)
         if key not in self.strips:
             css = f"strip-{len(self.strips)}"
@@ -62,7 +61,7 @@ class EntryStrips:
                                      f"width: {members * STRIP_HEIGHT}px; }}")
         members = "; ".join(f"{member['image']} region {member['region']}" for member in entry.get("members") or [])
         return (f'<span class="strip {self.strips[key][0]}" role="img" aria-label="entry {index} members" '
-                f'title="{_escape(members)}"></span> {_escape(text)}')
+                f'title="{escape(members)}"></span> {escape(text)}')
 
     def _file(self, recorded: Any, sha256: Any) -> Found:
         """The dictionary file a run names (as recorded, else by name inside the folder), or why none."""
@@ -92,8 +91,4 @@ def _strip_uri(dictionary: "DictionaryFile", entry: int) -> str:
 
     buffer = io.BytesIO()
     entry_strip(dictionary, entry).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _escape(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    return png_data_uri(buffer.getvalue())

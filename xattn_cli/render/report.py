@@ -13,8 +13,6 @@ be mailed or archived alone. A small inline script sorts a table by the column h
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from xattn_cli.errors import ItemError, UsageError
-from xattn_cli.render import METRIC_LABELS
+from xattn_cli.render import METRIC_LABELS, escape, png_data_uri
 from xattn_cli.render.dictionary import EntryStrips
 from xattn_cli.io.images import load_image
 from xattn_cli.io.outputs import RESULTS_FILE_NAME, artifact_in, atomic_write_bytes, latest_records
@@ -96,8 +94,8 @@ def build_report(folder: str | Path) -> str:
     if not sections:
         raise UsageError(f"{folder}: nothing to report (no {RESULTS_FILE_NAME}, no `xattn bench quality --json` file)")
     title = f"xattn report: {folder.resolve().name}"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_escape(title)}</title>'
-            f'<link rel="icon" href="data:,"><style>{STYLE}</style></head>\n<body><h1>{_escape(title)}</h1>\n'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<link rel="icon" href="data:,"><style>{STYLE}</style></head>\n<body><h1>{escape(title)}</h1>\n'
             + "\n".join(sections) + f"\n<script>{SORT_SCRIPT}</script></body></html>\n")
 
 
@@ -136,7 +134,7 @@ def _bench_section(path: Path, run: dict) -> str:
         rows.append(cells)
     meta = (f"data: {run['data']}; {run['scenes']} scenes; perturbation steps {run['steps']}; "
             f"{run['resamples']} bootstrap resamples ({run['confidence']:.0%} intervals); {run['elapsed_s']} s")
-    parts = [f"<section><h2>Faithfulness benchmark: {_escape(path.name)}</h2>", f'<p class="meta">{_escape(meta)}</p>',
+    parts = [f"<section><h2>Faithfulness benchmark: {escape(path.name)}</h2>", f'<p class="meta">{escape(meta)}</p>',
              _table(columns, rows)]
     if run.get("sanity"):
         sanity = run["sanity"]
@@ -149,7 +147,7 @@ def _bench_section(path: Path, run: dict) -> str:
                        for row in sanity["rows"]]
         parts.append(_table([("model", "text"), ("method", "text"), ("ρ by blocks randomised", "number"),
                              ("flag", "text")], sanity_rows))
-    parts.append(f'<img class="plot" alt="metrics of {_escape(path.name)}" src="{_png_uri(quality_figure(run))}">')
+    parts.append(f'<img class="plot" alt="metrics of {escape(path.name)}" src="{png_data_uri(quality_figure(run))}">')
     return "\n".join(parts) + "</section>"
 
 
@@ -166,11 +164,11 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
 
     def thumbnail(path: Path | None, alt: str) -> str:
         if path is None:
-            return _cell(f"<small>{_escape(alt)} not found</small>", raw=True)
+            return _cell(f"<small>{escape(alt)} not found</small>", raw=True)
         if path not in thumbnails:
             thumbnails[path] = _thumbnail(path)[0]
-        return _cell(f'<img class="thumb" alt="{_escape(alt)}" src="{thumbnails[path]}">' if thumbnails[path]
-                     else f"<small>{_escape(alt)} unreadable</small>", raw=True)
+        return _cell(f'<img class="thumb" alt="{escape(alt)}" src="{thumbnails[path]}">' if thumbnails[path]
+                     else f"<small>{escape(alt)} unreadable</small>", raw=True)
 
     def picture(path: Path | None) -> str:
         """The original image: embedded once in a style rule, however many rows show it."""
@@ -220,8 +218,8 @@ def _gallery(folder: Path, records: list[dict[str, Any]]) -> str:
     summary = (f"{len(records)} records of {images} images by {runs} model · method run(s), {failed} failed; "
                "click a column header to sort")
     styles = "\n".join([*(rule for _, rule in pictures.values() if rule), strips.styles()])
-    return (f"<section><h2>Results: {_escape(folder.name)}</h2><style>{styles}</style>"
-            f"<p class=\"meta\">{_escape(summary)}</p>" + _table(columns, rows) + "</section>")
+    return (f"<section><h2>Results: {escape(folder.name)}</h2><style>{styles}</style>"
+            f"<p class=\"meta\">{escape(summary)}</p>" + _table(columns, rows) + "</section>")
 
 
 def _find(folder: Path, recorded: str) -> Path | None:
@@ -239,17 +237,13 @@ def _tokens(tokens: list[dict[str, Any]]) -> str:
     for token in tokens:
         strength = float(token["relevance"]) / top if top > 0 else 0.0
         spans.append(f'<span class="token" title="{float(token["relevance"]):.4f}" '
-                     f'style="background: rgba(230, 80, 40, {strength:.2f})">{_escape(str(token["token"]))}</span>')
+                     f'style="background: rgba(230, 80, 40, {strength:.2f})">{escape(str(token["token"]))}</span>')
     return "".join(spans)
 
 
 # --- HTML pieces ----------------------------------------------------------------------------------
-def _escape(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _cell(content: str, css: str = "", raw: bool = False) -> str:
-    body = content if raw else _escape(content)
+    body = content if raw else escape(content)
     return f'<td class="{css}">{body}</td>' if css else f"<td>{body}</td>"
 
 
@@ -261,14 +255,10 @@ def _number(value: float | int | None, shown: str) -> str:
 
 def _table(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
     """`columns`: (label, "text" | "number" | "" for not sortable); `rows`: rendered cells."""
-    head = "".join(f'<th data-type="{kind}">{_escape(label)}</th>' if kind else f"<th>{_escape(label)}</th>"
+    head = "".join(f'<th data-type="{kind}">{escape(label)}</th>' if kind else f"<th>{escape(label)}</th>"
                    for label, kind in columns)
     body = "\n".join(f"<tr>{''.join(cells)}</tr>" for cells in rows)
     return f'<table class="sortable"><thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table>'
-
-
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _thumbnail(path: Path) -> tuple[str, tuple[int, int]]:
@@ -281,4 +271,4 @@ def _thumbnail(path: Path) -> tuple[str, tuple[int, int]]:
     image.thumbnail((THUMBNAIL, THUMBNAIL), Image.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return _png_uri(buffer.getvalue()), image.size
+    return png_data_uri(buffer.getvalue()), image.size
