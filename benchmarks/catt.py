@@ -42,7 +42,8 @@ from xattn_cli.explainers import build_relevancy
 from xattn_cli.methods.causal import CausalRelevance
 from xattn_cli.models.registry import load_model
 from xattn_cli.train.shapes_catt import BASE, CATT
-from xattn_cli.train.shapes_vqa import ANSWERS, answer_kind, answer_logits
+from xattn_cli.train import shapes_vqa
+from xattn_cli.train.shapes_vqa import ANSWERS, answer_kind
 from xattn_cli.world.shapes import USUAL_COLOUR, USUAL_SHAPE, ColourRule, scene_at
 
 SPLITS = {"neutral": (12_000, "free"), "correlated": (12_001, "biased:1"), "anti": (12_002, "anti")}
@@ -91,23 +92,15 @@ def replaced_cross_sample(adapter, replacement: torch.Tensor | None):
         handle.remove()
 
 
-@torch.no_grad()
 def stem_features(adapter, split: Split) -> torch.Tensor:
-    pixels = adapter.regions.pixels([scene.image for scene in split.scenes])  # (N, H, W, 3)
-    return torch.cat([adapter.regions.stem(chunk) for chunk in pixels.split(CHUNK)])  # (N, R, D)
+    """The stem features of the split's scenes: (N, R, D)."""
+    return shapes_vqa.stem_features(adapter, adapter.regions.pixels([scene.image for scene in split.scenes]), CHUNK)
 
 
-@torch.no_grad()
 def predictions(adapter, split: Split, features: torch.Tensor, replacement: torch.Tensor | None = None) -> list[str]:
-    """The model's answer to every item of `split`."""
-    guesses = []
+    """The model's answer to every item of `split` (with CS-ATT's output replaced by `replacement`, if given)."""
     with replaced_cross_sample(adapter, replacement):
-        for start in range(0, len(split.items), CHUNK):
-            items = split.items[start:start + CHUNK]
-            scenes = torch.tensor([scene for scene, _, _ in items])
-            logits = answer_logits(adapter, features[scenes], [question for _, question, _ in items])  # (b, A)
-            guesses += [ANSWERS[index] for index in logits.argmax(dim=1).tolist()]
-    return guesses
+        return [ANSWERS[index] for index in shapes_vqa.predicted_answers(adapter, features, split.items, CHUNK)]
 
 
 @torch.no_grad()

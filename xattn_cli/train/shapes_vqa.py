@@ -116,16 +116,29 @@ def answer_kind(answer: str) -> str:
 
 
 @torch.no_grad()
+def stem_features(adapter, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The adapter's stem features of pixels (N, H, W, 3), computed `chunk` images at a time: (N, R, D)."""
+    return torch.cat([adapter.regions.stem(p.to(adapter.device)) for p in pixels.split(chunk)])  # (N, R, D)
+
+
+@torch.no_grad()
+def predicted_answers(adapter, features: torch.Tensor, items: list[tuple[int, str, str]], chunk: int = 256
+                      ) -> list[int]:
+    """The answer index the model gives each (scene, question, answer) item, reading its scene's row of the
+    stem features (N, R, D), `chunk` questions at a time."""
+    predicted = []
+    for start in range(0, len(items), chunk):
+        batch = items[start:start + chunk]
+        scenes = torch.tensor([scene for scene, _, _ in batch], device=features.device)
+        predicted += answer_logits(adapter, features[scenes], [q for _, q, _ in batch]).argmax(dim=1).tolist()
+    return predicted
+
+
+@torch.no_grad()
 def evaluate(adapter, held_out: HeldOut, chunk: int = 256) -> dict[str, float]:
     """Answer accuracy on the held-out questions, overall and per kind of answer (colour, shape, yes/no)."""
     adapter.model.eval()
-    stem = adapter.regions.stem
-    features = torch.cat([stem(p.to(adapter.device)) for p in held_out.pixels.split(chunk)])  # (N, R, D)
-    predicted = []
-    for start in range(0, len(held_out.items), chunk):
-        items = held_out.items[start:start + chunk]
-        scenes = torch.tensor([scene for scene, _, _ in items], device=features.device)
-        predicted += answer_logits(adapter, features[scenes], [q for _, q, _ in items]).argmax(dim=1).tolist()
+    predicted = predicted_answers(adapter, stem_features(adapter, held_out.pixels, chunk), held_out.items, chunk)
     adapter.model.train()
     correct = {kind: [] for kind in ("colour", "shape", "yes_no")}
     for (_, _, answer), guess in zip(held_out.items, predicted):
