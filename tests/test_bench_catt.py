@@ -11,11 +11,9 @@ import pytest
 import torch
 
 from helpers import load_benchmark
+from test_train_catt import TINY  # the recipe's tiny config
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"model": {"dim": 16, "heads": 2, "question_layers": 1, "vision_layers": 2, "fusion_layers": 1,
-                  "max_tokens": 32, "dictionary_size": 6, "dropout": 0.0},
-        "regions": {"grid": [4, 4], "cell": 8, "stem": {"widths": [8, 16, 16]}}, "image_size": 32}
 
 
 @pytest.fixture(scope="module")
