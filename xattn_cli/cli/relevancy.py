@@ -64,18 +64,14 @@ def relevancy(
     require_not_empty(text=text, question=question)
 
     def build(device_name: str):
-        from xattn_cli.explainers import build_relevancy, check_options
+        from xattn_cli.explainers import build_relevancy
 
         adapter = load_adapter(model, pretrained, device_name, trust_checkpoint, labels)
-        given = {"text": bool(text), "target": bool(target), "start_layer": start_layer is not None,
-                 "precision": precision.value != "fp32", "question": bool(question), "answer": answer is not None,
-                 "features": features is not None, "threshold": threshold is not None, "residual": residual is not None,
-                 "dictionary": dictionary is not None}
-        check_options(adapter, Method(method).value, given, spell=_flag)
         return build_relevancy(adapter, method=Method(method).value, texts=text or [], targets=target or [],
                                start_layer=start_layer, precision=precision.value, questions=question or [],
                                answer=answer, features=features, threshold=threshold,
-                               residual=None if residual is None else residual.value, dictionary=dictionary)
+                               residual=None if residual is None else residual.value, dictionary=dictionary,
+                               spell=_flag)
 
     run_map_command(images, build, out=out, save_maps=save_maps, output_format=output_format, device=device,
                     batch_size=batch_size, resume=resume, max_pixels=max_pixels, quiet=quiet,

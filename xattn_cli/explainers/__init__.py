@@ -30,8 +30,12 @@ RULE_OPTIONS = {  # option → (what it is for, the relevance rules of the model
 REQUIRED = {"image-text": "text", "vqa": "question"}  # task → the option it cannot run without
 
 
-def check_options(adapter, method: str, given: dict[str, bool],
-                  spell: Callable[[str], str] = lambda name: name.replace("_", " ")) -> None:
+def spell_plainly(name: str) -> str:
+    """An option's name as a library caller reads it in an error: `start layer`."""
+    return name.replace("_", " ")
+
+
+def check_options(adapter, method: str, given: dict[str, bool], spell: Callable[[str], str] = spell_plainly) -> None:
     """Usage errors for a method or options that a model's task does not take, and for what it cannot run
     without; `spell` writes an option's name as the caller's user knows it (the CLI: `--start-layer`)."""
     layout = getattr(adapter, "layout", None)
@@ -57,8 +61,10 @@ def check_options(adapter, method: str, given: dict[str, bool],
 def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets: Sequence[str] = (),
                     start_layer: int | None = None, precision: str = "fp32", questions: Sequence[str] = (),
                     answer: str | None = None, features: str | Path | None = None, threshold: float | None = None,
-                    residual: str | None = None, dictionary: str | Path | None = None):
-    """The relevancy explainer for the adapter's task; usage errors for options that do not apply.
+                    residual: str | None = None, dictionary: str | Path | None = None,
+                    spell: Callable[[str], str] = spell_plainly):
+    """The relevancy explainer for the adapter's task; usage errors for options that do not apply, naming
+    each option as `spell` writes it (the CLI: `--start-layer`).
 
     `features` (a .npz file, see `models.regions`) replaces a region model's own region extractor;
     `threshold` defaults to `detection.DEFAULT_THRESHOLD`; `residual` to "guarded". `dictionary` (a
@@ -69,7 +75,7 @@ def build_relevancy(adapter, *, method: str, texts: Sequence[str] = (), targets:
              "precision": precision != "fp32", "question": bool(questions), "answer": answer is not None,
              "features": features is not None, "threshold": threshold is not None, "residual": residual is not None,
              "dictionary": dictionary is not None}
-    check_options(adapter, method, given)
+    check_options(adapter, method, given, spell)
     if dictionary is not None:
         adapter.load_dictionary_file(dictionary)
     task = adapter.layout.task
