@@ -38,7 +38,8 @@ import torch
 from xattn_cli import __version__
 from xattn_cli.eval import HELD_OUT_SEED
 from xattn_cli.eval.metrics import bootstrap_ci, object_patches, pointing, pool_to_tokens, recall_precision
-from xattn_cli.eval.quality import CONFIDENCE, TASKS, ClassifierTask, ClipTask, Task, held_out_scenes, scene_targets
+from xattn_cli.eval.quality import (CONFIDENCE, ClassifierTask, ClipTask, PatchTask, held_out_scenes, scene_targets,
+                                   task_for)
 from xattn_cli.methods.token_mask import MaskSettings, top_k_keep
 from xattn_cli.models.registry import load_model
 from xattn_cli.world.shapes import Scene
@@ -52,26 +53,26 @@ RESAMPLES = 1000
 PROGRESS_EVERY = 10
 
 
-def classifier_scores(task: Task, outputs: torch.Tensor, names: list[str]) -> torch.Tensor:
+def classifier_scores(task: PatchTask, outputs: torch.Tensor, names: list[str]) -> torch.Tensor:
     """(S, C) logits → (S, K) the logits of the scene's targets."""
     return outputs[:, [task.index(name) for name in names]].float()
 
 
-def clip_scores(task: Task, outputs: torch.Tensor, names: list[str]) -> torch.Tensor:
+def clip_scores(task: PatchTask, outputs: torch.Tensor, names: list[str]) -> torch.Tensor:
     """(S, E) normalised image embeddings → (S, K) cosine similarity to each of the scene's plain captions."""
     texts = task.adapter.text_embeddings(names, ensemble=False, disk_cache=False)  # (K, E)
     return outputs.float() @ texts.float().T
 
 
-SCORES: dict[type[Task], Callable[[Task, torch.Tensor, list[str]], torch.Tensor]] = {
+SCORES: dict[type[PatchTask], Callable[[PatchTask, torch.Tensor, list[str]], torch.Tensor]] = {
     ClassifierTask: classifier_scores, ClipTask: clip_scores}
-DECIDED: dict[type[Task], Callable[[torch.Tensor, int], torch.Tensor]] = {  # (S, K) scores, target → (S,) bool
+DECIDED: dict[type[PatchTask], Callable[[torch.Tensor, int], torch.Tensor]] = {  # (S, K) scores, target → (S,) bool
     ClassifierTask: lambda scores, k: scores[:, k] > 0,
     ClipTask: lambda scores, k: scores.argmax(dim=1) == k,
 }
 
 
-def scene_values(task: Task, scene: Scene) -> tuple[list[dict], float]:
+def scene_values(task: PatchTask, scene: Scene) -> tuple[list[dict], float]:
     """Per target: whether every patch decides it, and each selection's metrics; and the largest difference
     between the recomputed mask scores and those the explainer recorded (`score_kept`, `score_removed`)."""
     targets = scene_targets(scene, task.target_of)
@@ -120,8 +121,7 @@ def measure(name: str, scenes: int, log: Callable[[str], None] = progress) -> di
     """One model's figures on the first `scenes` held-out scenes."""
     adapter = load_model(name, device="cpu")
     scene_list = held_out_scenes(scenes)
-    kind = TASKS[adapter.layout.task]
-    task = kind(adapter, {kind.target_of(obj) for _, scene in scene_list for obj in scene.objects}, "attention")
+    task = task_for(adapter, scene_list, "attention")
     started = time.perf_counter()
     values, error = [], 0.0
     for index, (_, scene) in enumerate(scene_list):

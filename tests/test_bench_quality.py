@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from xattn_cli.cli.app import app
 from xattn_cli.errors import UsageError
 from xattn_cli.eval.metrics import pool_to_tokens
-from xattn_cli.eval.quality import (ClipTask, Task, centre_map, check_names, evaluate, held_out_scenes, load_dataset,
-                                    random_map, sanity_cascade, scene_targets, summarise, vision_blocks)
+from xattn_cli.eval.quality import (ClipTask, PatchTask, centre_map, check_names, evaluate, held_out_scenes,
+                                    load_dataset, random_map, sanity_blocks, sanity_cascade, scene_targets, summarise)
+from xattn_cli.models.layout import LAYOUTS
 from xattn_cli.world.export import export_dataset
 from xattn_cli.world.shapes import scene_at
 
@@ -90,14 +91,15 @@ def test_baseline_maps():
     assert not np.array_equal(noise, random_map((64, 48), (1, 2, 4)))
 
 
-class OracleTask(Task):
+class OracleTask(PatchTask):
     """Maps are the ground-truth masks themselves; the score is the share of the target's patches kept."""
 
     methods = ("oracle",)
 
     def __init__(self, scenes):
-        adapter = SimpleNamespace(native_size=(64, 64), patch_size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3)
-        super().__init__(adapter, [])
+        adapter = SimpleNamespace(native_size=(64, 64), patch_size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3,
+                                  layout=LAYOUTS["vit"], name="oracle")
+        super().__init__(adapter)
         self.truth = {id(scene.image): dict(scene_targets(scene, self.target_of)) for _, scene in scenes}
 
     @staticmethod
@@ -135,7 +137,7 @@ def test_evaluate_scores_an_oracle_perfectly_and_the_floors_below_it():
 def test_sanity_cascade_flags_model_independent_maps_and_restores_the_model(vit_adapter):
     scenes = [(str(i), scene_at(9, i, size=32, n_objects=2)) for i in range(2)]
     task = ClipTask(vit_adapter, {obj.caption for _, scene in scenes for obj in scene.objects})
-    blocks = vision_blocks(vit_adapter)
+    blocks = sanity_blocks(vit_adapter)
     assert [b is r for b, r in zip(blocks, vit_adapter.model.visual.transformer.resblocks)] == [True] * 4
     before = {name: tensor.clone() for name, tensor in vit_adapter.model.state_dict().items()}
     curves = sanity_cascade(task, scenes, ["raw", "centre"])
@@ -146,7 +148,8 @@ def test_sanity_cascade_flags_model_independent_maps_and_restores_the_model(vit_
 
 
 def test_cli_runs_both_bundled_models_and_writes_json_and_plot(tmp_path):
-    result = runner.invoke(app, ["bench", "quality", "--scenes", "2", "--methods", "surgery,chefer", "--methods",
+    result = runner.invoke(app, ["bench", "quality", "--models", "shapes-clip,shapes-vit", "--scenes", "2",
+                                 "--methods", "surgery,chefer", "--methods",
                                  "random", "--sanity", "--sanity-scenes", "1", "--resamples", "200", "--device", "cpu",
                                  "--json", str(tmp_path / "run" / "quality.json"), "--plot", str(tmp_path / "q.png")])
     assert result.exit_code == 0, result.output
@@ -238,7 +241,8 @@ def test_cli_measures_token_masks_and_perturbs_attention_as_token_mask_does(tmp_
     from xattn_cli.models.registry import load_model
 
     args = ["bench", "quality", "--scenes", "1", "--resamples", "100", "--device", "cpu", "-q"]
-    result = runner.invoke(app, [*args, "--methods", "mask,random", "--perturb", "attention",
+    result = runner.invoke(app, [*args, "--models", "shapes-clip", "--models", "shapes-vit", "--methods", "mask,random",
+                                 "--perturb", "attention",
                                  "--json", str(tmp_path / "attention.json")])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "attention.json").read_text())

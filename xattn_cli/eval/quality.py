@@ -2,9 +2,13 @@
 
 Data: a dataset folder (DESIGN §5) or a generated held-out set of shapes-world scenes (seed 40 000, which
 no training run or benchmark script uses): 2–4 objects, and in three quarters of the scenes two objects
-share a colour or a shape (half by construction, more by chance), so that colour alone cannot win (DESIGN §7). A CLIP model explains each object's
-caption ("a red star") among the scene's captions; a classifier explains each shape label present. A
-target's ground truth is the union of the masks of the objects it names.
+share a colour or a shape (half by construction, more by chance), so that colour alone cannot win (DESIGN §7).
+What each model explains (its `Task`, by the model's task):
+- a CLIP model: each object's caption ("a red star") among the scene's captions;
+- a classifier: each shape label present;
+- a region VQA model: each question about one object ("what colour is the star?"), for the answer it gives;
+- a detector: each detection (query and class, above the CLI's default threshold) that matches an object.
+A target's ground truth is the union of the masks of the objects it names.
 
 Every (model, method) gets the metrics of `eval.metrics` per target, then means with 95% bootstrap
 intervals. `random` (iid noise) and `centre` (a Gaussian bump at the image centre) are floor baselines
@@ -13,17 +17,22 @@ of their kept patches, so their pointing is the share of the kept area inside th
 count in proportion) and perturbation removes the kept patches first, then the rest in index order.
 
 The perturbation score is the classifier's probability of the target label (sigmoid for multi-label
-models), or the CLIP model's softmax probability of the target caption among all captions of the data
-(prompt ensemble), on the input with tokens removed: their patches blacked out (`pixels`, as Chefer et
-al. zero pixels) or their keys masked in every attention layer of the vision tower, the CLS token kept
-(`attention`: `capture.TokenMask`, as `xattn mask` scores its kept and removed patches), which equals
-running the model on the kept tokens alone.
+models), the CLIP model's softmax probability of the target caption among all captions of the data
+(prompt ensemble), the VQA model's probability of its answer, or the detector's probability of the
+detection's class at its query, on the input with tokens removed: their patches blacked out (`pixels`, as
+Chefer et al. zero pixels) or their keys masked in every attention layer that reads them (`attention`:
+CLIP and ViT through `capture.TokenMask`, the CLS token kept, as `xattn mask` scores its kept and removed
+patches; VQA models through their visual attention mask), which equals running the model on the kept
+tokens alone. Tokens are the image patches, the VQA model's grid regions, or DETR's encoder cells;
+detectors take `pixels` only (DETR's pixel mask also moves its position encoding).
 
-Sanity (cascading randomisation, Adebayo et al. 2018): the vision tower's blocks are re-drawn from the
-top, one more at each step (each parameter from a normal with the parameter's own mean and std), and
-each method's token relevances are compared with those on the trained model by Spearman correlation. A
-method whose maps still correlate ≥ 0.5 once every block is random is flagged: its maps do not depend on
-what the model learned.
+Sanity (cascading randomisation, Adebayo et al. 2018): the blocks the image passes through (the vision
+tower; LXMERT's vision and cross-modality layers; VisualBERT's joint layers; DETR's encoder and decoder;
+not the region stem or the detector's CNN backbone) are re-drawn from the top, one more at each step
+(each parameter from a normal with the parameter's own mean and std), and each method's token relevances
+for the same targets (the trained model's answers and detections) are compared with those on the trained
+model by Spearman correlation. A method whose maps still correlate ≥ 0.5 once every block is random is
+flagged: its maps do not depend on what the model learned.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -114,21 +123,33 @@ def scene_targets(scene: Scene, target_of: Callable[[SceneObject], str]) -> list
 
 
 # --- what each model task contributes ---------------------------------------------------------------
-class Task:
-    """One model as the benchmark sees it: its methods, its targets, their maps and a target score.
+Target = Hashable  # what a task explains: a caption, a label, (question, answer), (query, class)
 
-    perturb: how a perturbation step takes tokens out, one of `PERTURBATIONS` (see the module docstring).
+
+class Task:
+    """One model as the benchmark sees it: its methods, its targets (each with its ground-truth mask), their
+    maps, and per target a score of the model's input with tokens taken out.
+
+    grid: the (rows, cols) tokens that tile the image: maps are pooled onto it and perturbation removes its cells.
+    perturb: how a perturbation step takes tokens out, one of `perturbations`.
+    sanity_streams: the attention streams whose blocks the sanity cascade randomises, in forward order.
     """
 
-    def __init__(self, adapter, targets: Iterable[str], perturb: str = "pixels"):
+    perturbations: tuple[str, ...] = PERTURBATIONS
+    sanity_streams: tuple[str, ...] = ("vision",)
+    grid: tuple[int, int]
+
+    def __init__(self, adapter, perturb: str = "pixels"):
         if perturb not in PERTURBATIONS:
             raise UsageError(f"unknown perturbation {perturb!r} (one of {', '.join(PERTURBATIONS)})")
+        if perturb not in self.supports(adapter.layout):
+            raise _unperturbable(adapter.name, perturb, self.supports(adapter.layout))
         self.adapter, self.perturb = adapter, perturb
-        height, width = adapter.native_size
-        self.grid = (height // adapter.patch_size[0], width // adapter.patch_size[1])
-        self.fill = -torch.tensor(adapter.mean) / torch.tensor(adapter.std)  # (3,) black after normalising
-        if perturb == "attention" and not set(MASK_EXPLAINERS) & set(adapter.layout.explainers):
-            raise UsageError(f"{adapter.name} takes no token masks; perturb its pixels instead")
+
+    @classmethod
+    def supports(cls, layout) -> tuple[str, ...]:
+        """The perturbations this task can run on a model of `layout`."""
+        return cls.perturbations
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -137,15 +158,46 @@ class Task:
         measured = tuple(kind for kind in layout.explainers if kind in (*MAP_EXPLAINERS, *MASK_EXPLAINERS))
         return tuple(method_names(measured, layout.rule))
 
+    def targets(self, scene: Scene) -> list[tuple[Target, np.ndarray]]:
+        """Each target of the scene and its (H, W) bool ground-truth mask."""
+        raise NotImplementedError
+
+    def maps(self, method: str, image: Image.Image, targets: list[Target]) -> list[np.ndarray]:
+        """One (H, W) map per target."""
+        raise NotImplementedError
+
+    def scorers(self, image: Image.Image, targets: list[Target]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per target: (S, N) keep masks over the grid's tokens → (S,) its score with the removed tokens taken out."""
+        raise NotImplementedError
+
+
+class PatchTask(Task):
+    """A model that reads the image as patches (CLIP, ViT): targets named by the objects (`target_of`), tokens
+    are the patches, `pixels` blacks them out and `attention` masks their keys in every layer of the vision
+    tower (CLS kept)."""
+
+    def __init__(self, adapter, perturb: str = "pixels"):
+        super().__init__(adapter, perturb)
+        height, width = adapter.native_size
+        self.grid = (height // adapter.patch_size[0], width // adapter.patch_size[1])
+        self.fill = -torch.tensor(adapter.mean) / torch.tensor(adapter.std)  # (3,) black after normalising
+
+    @classmethod
+    def supports(cls, layout) -> tuple[str, ...]:
+        return PERTURBATIONS if set(MASK_EXPLAINERS) & set(layout.explainers) else ("pixels",)
+
     @staticmethod
     def target_of(obj: SceneObject) -> str:
         raise NotImplementedError
+
+    def targets(self, scene: Scene) -> list[tuple[Target, np.ndarray]]:
+        return scene_targets(scene, self.target_of)
 
     def explainer(self, method: str, targets: list[str]):
         """The explainer that runs `method` for these targets."""
         raise NotImplementedError
 
-    def maps(self, method: str, image: Image.Image, targets: list[str]) -> list[np.ndarray]:
+    def maps(self, method: str, image: Image.Image, targets: list[Target]) -> list[np.ndarray]:
         return [target.map for target in self.explainer(method, targets).explain([image])[0]]
 
     def outputs(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -169,8 +221,8 @@ class Task:
         with TokenMask(sites, kept, prefix=prefix):
             return self.outputs(pixels.expand(len(keep), *pixels.shape))  # (S, ...)
 
-    def scorers(self, image: Image.Image, targets: list[str]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Per target: (S, N) keep masks → (S,) its probability with the removed tokens taken out."""
+    def scorers(self, image: Image.Image, targets: list[Target]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Per target: its probability (`probabilities`) with the removed tokens taken out."""
         pixels = self.adapter.preprocess([image], self.adapter.native_size)[0]  # (3, H, W)
 
         def scorer(column: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -199,9 +251,9 @@ def memoised(score: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.T
     return cached
 
 
-class ClipTask(Task):
+class ClipTask(PatchTask):
     def __init__(self, adapter, targets: Iterable[str], perturb: str = "pixels"):
-        super().__init__(adapter, targets, perturb)
+        super().__init__(adapter, perturb)
         self.vocabulary = sorted(targets)
         self.text_features = adapter.text_embeddings(self.vocabulary)  # (C, E), normalised
 
@@ -231,9 +283,9 @@ class ClipTask(Task):
         return self.vocabulary.index(target)
 
 
-class ClassifierTask(Task):
+class ClassifierTask(PatchTask):
     def __init__(self, adapter, targets: Iterable[str], perturb: str = "pixels"):
-        super().__init__(adapter, targets, perturb)
+        super().__init__(adapter, perturb)
         for target in targets:
             adapter.target_index(target)  # a label the model lacks is a usage error, before any work
 
@@ -259,18 +311,159 @@ class ClassifierTask(Task):
         return self.adapter.target_index(target)
 
 
-TASKS: dict[str, type[Task]] = {"image-text": ClipTask, "classify": ClassifierTask}  # by `Layout.task`
+class VqaTask(Task):
+    """A region-feature VQA model (LXMERT, VisualBERT, CATT) over grid regions: each question of the scene about
+    one object ("what colour is the star?"), explained for the answer the model gives on the whole image; the
+    object's mask is the ground truth. Score: the probability of that answer. Tokens are the grid's regions:
+    `pixels` blacks out their cells and recomputes the region features, `attention` takes them out of the
+    visual attention mask (their keys masked in every layer that reads regions)."""
+
+    sanity_streams = ("vision", "joint")
+
+    def __init__(self, adapter, perturb: str = "pixels"):
+        super().__init__(adapter, perturb)
+        if getattr(adapter.regions, "grid", None) is None:
+            raise UsageError(f"{adapter.name}: bench quality needs grid regions computed from the image")
+        self.grid = tuple(adapter.regions.grid)
+
+    def targets(self, scene: Scene) -> list[tuple[Target, np.ndarray]]:
+        about_one = [qa for qa in scene.qa if qa.get("object") is not None]
+        if not about_one:
+            return []
+        masks = {obj.k: obj.mask for obj in scene.objects}
+        questions = [qa["question"] for qa in about_one]
+        with torch.inference_mode():
+            regions = self.adapter.regions([scene.image]).to(self.adapter.device)
+            logits = self.adapter.answer_logits(self.adapter.tokenize(questions), _repeat(regions, len(questions)))
+        answers = logits.argmax(dim=-1).tolist()  # (Q,)
+        return [((question, answer), masks[qa["object"]]) for question, answer, qa in zip(questions, answers, about_one)]
+
+    def maps(self, method: str, image: Image.Image, targets: list[Target]) -> list[np.ndarray]:
+        from xattn_cli.explainers.vqa import VqaRelevancy
+
+        return [VqaRelevancy(self.adapter, [question], answer=self.adapter.answers[answer], method=method)
+                .explain([image])[0][0].map for question, answer in targets]
+
+    def scorers(self, image: Image.Image, targets: list[Target]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        adapter = self.adapter
+        with torch.inference_mode():
+            whole = adapter.regions([image]).to(adapter.device)
+        rgb = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float()  # (3, H, W) in 0..255
+
+        def perturbed(keep: torch.Tensor):
+            if self.perturb == "attention":
+                return _repeat(whole, len(keep), keep)
+            blacked = remove_tokens(rgb, keep, self.grid, torch.zeros(3)).round().byte()  # (S, 3, H, W)
+            images = [Image.fromarray(array.permute(1, 2, 0).numpy()) for array in blacked]
+            return adapter.regions(images).to(adapter.device)
+
+        def scorer(question: str, answer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            tokens = adapter.tokenize([question])
+
+            @torch.inference_mode()
+            def score(keep: torch.Tensor) -> torch.Tensor:
+                batch = {key: value.expand(len(keep), -1) for key, value in tokens.items()}
+                return adapter.answer_logits(batch, perturbed(keep)).softmax(dim=-1)[:, answer].float().cpu()  # (S,)
+
+            return memoised(score)
+
+        return [scorer(question, answer) for question, answer in targets]
+
+
+def _repeat(regions, count: int, keep: torch.Tensor | None = None):
+    """One image's regions, `count` times; with `keep` (count, R) bool, the others masked out. (count, R, ...)."""
+    from xattn_cli.models.regions import Regions
+
+    mask = regions.mask.expand(count, -1)  # (count, R)
+    return Regions(regions.features.expand(count, -1, -1), regions.boxes.expand(count, -1, -1),
+                   mask if keep is None else mask * keep.to(mask), regions.grid)
+
+
+class DetectionTask(Task):
+    """DETR: each detection above the CLI's default threshold on the whole image that matches a ground-truth
+    object of its class (IoU ≥ 0.5, most probable detection first; the object's mask is the ground truth),
+    explained for its query and class. Score: that query's probability of that class. Tokens are the
+    encoder's image cells; `pixels` blacks out their patches. Attention masks are refused: DETR's pixel mask
+    also moves its sine position encoding."""
+
+    perturbations = ("pixels",)
+    sanity_streams = ("encoder", "decoder")
+    match_iou = 0.5
+
+    def __init__(self, adapter, perturb: str = "pixels"):
+        from xattn_cli.explainers.detection import DetectionRelevancy
+        from xattn_cli.models.detr import feature_grid
+
+        super().__init__(adapter, perturb)
+        height, width = adapter.native_size
+        blank = adapter.preprocess([Image.new("RGB", (width, height))], adapter.native_size)
+        if not isinstance(blank, torch.Tensor):
+            raise UsageError(f"{adapter.name}: bench quality needs a DETR that squashes images to one size")
+        with DetectionRelevancy(adapter, method="raw").recording() as recording:
+            adapter.detect(blank)
+        self.grid = feature_grid((height, width), recording.select("self", "encoder")[0].probs.shape[-1])
+        self.fill = -torch.tensor(adapter.mean) / torch.tensor(adapter.std)  # (3,) black after normalising
+
+    def targets(self, scene: Scene) -> list[tuple[Target, np.ndarray]]:
+        from xattn_cli.eval.detection import box_iou
+        from xattn_cli.explainers.detection import DetectionRelevancy
+        from xattn_cli.models.detr import boxes_to_pixels
+
+        adapter, image = self.adapter, scene.image
+        with torch.inference_mode():
+            logits, boxes = adapter.detect(adapter.preprocess([image], adapter.native_size))  # (1, Q, C + 1), (1, Q, 4)
+        free = list(scene.objects)
+        targets = []
+        for query, label, _ in DetectionRelevancy(adapter).detections(logits.float())[0]:  # most probable first
+            box = boxes_to_pixels(boxes[0, query].float().cpu(), (image.height, image.width)).tolist()
+            same = [obj for obj in free if obj.shape == adapter.labels[label]]
+            overlaps = box_iou(box, np.array([obj.box for obj in same], dtype=np.float64).reshape(-1, 4))
+            if len(same) and overlaps.max() >= self.match_iou:
+                matched = same[int(overlaps.argmax())]
+                free.remove(matched)
+                targets.append(((query, label), matched.mask))
+        return targets
+
+    def maps(self, method: str, image: Image.Image, targets: list[Target]) -> list[np.ndarray]:
+        from xattn_cli.explainers.detection import DetectionRelevancy
+
+        explainer = DetectionRelevancy(self.adapter, method=method, queries=list(targets))
+        return [target.map for target in explainer.explain([image])[0]]
+
+    def scorers(self, image: Image.Image, targets: list[Target]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        pixels = self.adapter.preprocess([image], self.adapter.native_size)[0]  # (3, H, W)
+
+        def scorer(query: int, label: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            @torch.inference_mode()
+            def score(keep: torch.Tensor) -> torch.Tensor:
+                inputs = remove_tokens(pixels, keep.to(pixels.device), self.grid, self.fill.to(pixels.device))
+                logits, _ = self.adapter.detect(inputs)  # (S, Q, C + 1)
+                return logits.float().softmax(dim=-1)[:, query, label].cpu()  # (S,)
+
+            return memoised(score)
+
+        return [scorer(query, label) for query, label in targets]
+
+
+TASKS: dict[str, type[Task]] = {"image-text": ClipTask, "classify": ClassifierTask, "vqa": VqaTask,
+                                "detect": DetectionTask}  # by `Layout.task`
 
 
 def task_for(adapter, scenes: Scenes, perturb: str = "pixels") -> Task:
     kind = TASKS.get(adapter.layout.task)
     if kind is None:
         raise _unsupported(adapter.name, adapter.layout.task)
-    return kind(adapter, {kind.target_of(obj) for _, scene in scenes for obj in scene.objects}, perturb)
+    if issubclass(kind, PatchTask):  # their targets are named by objects: the data's names, checked up front
+        return kind(adapter, {kind.target_of(obj) for _, scene in scenes for obj in scene.objects}, perturb)
+    return kind(adapter, perturb)
 
 
 def _unsupported(model: str, task: str) -> UsageError:
     return UsageError(f"{model} ({task}) has no quality benchmark yet (tasks: {', '.join(TASKS)})")
+
+
+def _unperturbable(model: str, perturb: str, supported: Sequence[str]) -> UsageError:
+    return UsageError(f"{model} takes no {perturb} perturbation; use --perturb {' or '.join(supported)}")
 
 
 # --- maps ----------------------------------------------------------------------------------------------
@@ -313,7 +506,7 @@ def evaluate(task: Task, scenes: Scenes, methods: Sequence[str],
     values = {method: {metric: [] for metric in METRICS} for method in methods}
     for index, (_, scene) in enumerate(scenes):
         progress(index)
-        targets = scene_targets(scene, task.target_of)
+        targets = task.targets(scene)
         if not targets:
             continue
         names = [name for name, _ in targets]
@@ -334,22 +527,24 @@ def summarise(values: dict[str, list[float]], resamples: int) -> dict:
     return summary
 
 
-def token_relevances(task: Task, method: str, scenes: Scenes) -> list[torch.Tensor]:
-    """(N,) token relevance of every target of every scene, in order."""
+def token_relevances(task: Task, method: str, scenes: Scenes, targets: list[list[Target]]) -> list[torch.Tensor]:
+    """(N,) token relevance of every target of every scene (`targets[i]`: scene i's), in order."""
     relevances = []
-    for index, (_, scene) in enumerate(scenes):
-        names = [name for name, _ in scene_targets(scene, task.target_of)]
+    for index, ((_, scene), names) in enumerate(zip(scenes, targets)):
         if names:
             relevances += [pool_to_tokens(m, task.grid) for m in method_maps(task, method, scene, names, index)]
     return relevances
 
 
-def vision_blocks(adapter) -> list[torch.nn.Module]:
-    """The vision tower's blocks, bottom first: the `ModuleList` entries that hold its attention sites."""
-    sites = sorted((site for site in adapter.attention_sites() if site.stream == "vision"), key=lambda s: s.layer)
+def sanity_blocks(adapter, streams: Sequence[str] = ("vision",)) -> list[torch.nn.Module]:
+    """The blocks that hold the attention sites of `streams`, bottom first (streams in the order given, layers
+    in order within each): the `ModuleList` entries that hold those sites, each once."""
+    sites = [site for stream in streams for site in sorted(
+        (s for s in adapter.attention_sites() if s.stream == stream), key=lambda s: s.layer)]
     entries = [child for module in adapter.model.modules() if isinstance(module, torch.nn.ModuleList)
                for child in module]
-    return [next(entry for entry in entries if any(m is site.module for m in entry.modules())) for site in sites]
+    blocks = [next(entry for entry in entries if any(m is site.module for m in entry.modules())) for site in sites]
+    return list({id(block): block for block in blocks}.values())
 
 
 @torch.no_grad()
@@ -362,17 +557,19 @@ def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 def sanity_cascade(task: Task, scenes: Scenes, methods: Sequence[str]) -> dict[str, list[float]]:
     """Per method: the mean Spearman correlation with the trained model's token relevances after the top
-    1, 2, ..., L vision blocks are randomised. The model is restored afterwards."""
-    original = {method: token_relevances(task, method, scenes) for method in methods}
+    1, 2, ..., L blocks of the task's `sanity_streams` are randomised, for the same targets (those the trained
+    model gives). The model is restored afterwards."""
+    targets = [[name for name, _ in task.targets(scene)] for _, scene in scenes]
+    original = {method: token_relevances(task, method, scenes, targets) for method in methods}
     model = task.adapter.model
     saved = copy.deepcopy(model.state_dict())
     generator = torch.Generator().manual_seed(SANITY_SEED)
     curves: dict[str, list[float]] = {method: [] for method in methods}
     try:
-        for block in reversed(vision_blocks(task.adapter)):
+        for block in reversed(sanity_blocks(task.adapter, task.sanity_streams)):
             randomise(block, generator)
             for method in methods:
-                after = token_relevances(task, method, scenes)
+                after = token_relevances(task, method, scenes, targets)
                 curves[method].append(float(np.mean([spearman(a, b) for a, b in zip(original[method], after)])))
     finally:
         model.load_state_dict(saved)
@@ -393,16 +590,21 @@ def check_names(models: Sequence[str], methods: Sequence[str], perturb: str = "p
         raise UsageError(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")
     for name in models:
         spec, _ = resolve(name)
-        if spec.layout is not None and spec.layout.task not in TASKS:  # no layout ("auto"): known once loaded
+        if spec.layout is None:  # "auto": known once loaded
+            continue
+        if spec.layout.task not in TASKS:
             raise _unsupported(name, spec.layout.task)
+        supported = TASKS[spec.layout.task].supports(spec.layout)
+        if perturb not in supported:
+            raise _unperturbable(name, perturb, supported)
 
 
-def default_models() -> list[str]:
-    """Every bundled model with weights present whose task the benchmark knows."""
+def default_models(perturb: str = "pixels") -> list[str]:
+    """Every bundled model with weights present whose task the benchmark knows and can perturb so."""
     from xattn_cli.models.registry import list_models
 
-    return [spec.name for spec in list_models()
-            if spec.bundled and spec.layout.task in TASKS and spec.weights_available()]
+    return [spec.name for spec in list_models() if spec.bundled and spec.layout.task in TASKS
+            and perturb in TASKS[spec.layout.task].supports(spec.layout) and spec.weights_available()]
 
 
 def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Path | None = None,
@@ -463,7 +665,7 @@ def format_tables(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['method']} | {row['targets']} | " + " | ".join(cells) + " |")
     if result.get("sanity"):
         sanity = result["sanity"]
-        lines += ["", f"Sanity: Spearman ρ with the trained model's maps after randomising the top 1, 2, … vision "
+        lines += ["", f"Sanity: Spearman ρ with the trained model's maps after randomising the top 1, 2, … "
                       f"blocks ({sanity['scenes']} scenes); flagged when ρ ≥ {sanity['flag_at']} with all random.", "",
                   "| model | method | ρ by blocks randomised | flagged |", "| --- | --- | --- | --- |"]
         for row in sanity["rows"]:

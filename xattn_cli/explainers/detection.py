@@ -23,10 +23,12 @@ class DetectionRelevancy(Explainer):
     encoder's image tokens, upsampled to the image. A threshold of 1 keeps none. `method` "raw" or
     "attn-gradcam" reads the query's row of the last decoder cross attention instead. `residual` is the
     rule for relevance rows that the residual normalisation divides 0 by 0 (`methods.relevancy.handle_residual`).
+    `queries`, (query, class) pairs, explains those in every image, in that order, whatever their probability
+    (the threshold is then unused): a benchmark explains the same detections on a perturbed or randomised model.
     """
 
     def __init__(self, adapter, *, threshold: float = DEFAULT_THRESHOLD, method: str = "chefer",
-                 residual: str = "guarded"):
+                 residual: str = "guarded", queries: Sequence[tuple[int, int]] | None = None):
         if adapter.layout.task != "detect":
             raise UsageError(f"{adapter.name} is not a detection model")
         if not 0.0 <= threshold <= 1.0:
@@ -34,7 +36,7 @@ class DetectionRelevancy(Explainer):
         if residual not in RESIDUAL_RULES:
             raise UsageError(f"unknown residual rule {residual!r} (one of {', '.join(RESIDUAL_RULES)})")
         super().__init__(adapter, method)
-        self.threshold, self.residual = threshold, residual
+        self.threshold, self.residual, self.queries = threshold, residual, queries
 
     def meta(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "residual": self.residual, **super().meta()}
@@ -48,6 +50,11 @@ class DetectionRelevancy(Explainer):
             kept = [(q, c, p) for q, (p, c) in enumerate(zip(row_best, row_classes)) if p > self.threshold]
             found.append(sorted(kept, key=lambda d: -d[2]))
         return found
+
+    def chosen(self, logits: torch.Tensor) -> list[list[tuple[int, int, float]]]:
+        """Per image: the given (query, class) pairs and their probabilities."""
+        probabilities = logits.softmax(dim=-1)  # (B, Q, C + 1)
+        return [[(query, label, float(row[query, label])) for query, label in self.queries] for row in probabilities]
 
     def explain(self, images: Sequence[Image.Image], names: Sequence[str] = ()) -> list[list[TargetMap]]:
         """Images that resize to different sizes run as separate batches: a batch is padded to its largest
@@ -66,7 +73,7 @@ class DetectionRelevancy(Explainer):
         with self.recording() as recording:
             logits, boxes = adapter.detect(pixels.requires_grad_(self.spec.needs_gradients))  # (B, Q, C + 1), (B, Q, 4)
             check_finite(logits)
-            found = self.detections(logits.detach())
+            found = self.detections(logits.detach()) if self.queries is None else self.chosen(logits.detach())
             slots = max((len(f) for f in found), default=0)
             for slot in range(slots):
                 chosen = [(i, f[slot]) for i, f in enumerate(found) if slot < len(f)]

@@ -42,7 +42,7 @@ def quality_figure(result: dict) -> bytes:
 
 
 def _sanity_panel(axis, rows: list[dict], flag_at: float) -> None:
-    """Spearman ρ against the number of vision blocks randomised: a colour per method, a line style per model."""
+    """Spearman ρ against the number of blocks randomised: a colour per method, a line style per model."""
     from matplotlib import colormaps
 
     methods = list(dict.fromkeys(row["method"] for row in rows))
@@ -55,7 +55,7 @@ def _sanity_panel(axis, rows: list[dict], flag_at: float) -> None:
                   label=f"{row['model']} · {row['method']}" + (" (flagged)" if row["flagged"] else ""))
     axis.axhline(flag_at, color="grey", linewidth=0.8, linestyle=":")
     axis.set_title("sanity: Spearman ρ with trained maps", fontsize=9)
-    axis.set_xlabel("vision blocks randomised from the top", fontsize=8)
+    axis.set_xlabel("blocks randomised from the top", fontsize=8)
     axis.set_ylim(-1, 1.05)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=5, loc="lower left")

@@ -138,7 +138,7 @@ def _bench_section(path: Path, run: dict) -> str:
              _table(columns, rows)]
     if run.get("sanity"):
         sanity = run["sanity"]
-        parts.append(f"<h3>Sanity: maps after randomising the top 1, 2, … vision blocks</h3><p class=\"meta\">Spearman ρ"
+        parts.append(f"<h3>Sanity: maps after randomising the top 1, 2, … blocks</h3><p class=\"meta\">Spearman ρ"
                      f" with the trained model's maps on {sanity['scenes']} scenes; flagged when ρ ≥ "
                      f"{sanity['flag_at']} with every block random.</p>")
         sanity_rows = [[_cell(row["model"]), _cell(row["method"]),
