@@ -158,3 +158,20 @@ def test_cli_measures_vqa_and_detection_models_with_sanity(tmp_path, lxmert, det
     curves = {(row["model"], row["method"]): row["spearman"] for row in saved["sanity"]["rows"]}
     assert len(curves[("shapes-lxmert", "chefer")]) == 4 and len(curves[("shapes-detr", "chefer")]) == 5
     assert curves[("shapes-detr", "random")] == [1.0] * 5
+
+
+def test_held_out_scenes_in_another_style_keep_their_objects_and_unknown_styles_are_refused(tmp_path):
+    classic, shifted = held_out_scenes(3), held_out_scenes(3, style="shifted")
+    assert [ident for ident, _ in classic] == [ident for ident, _ in shifted]
+    for (_, a), (_, b) in zip(classic, shifted):
+        assert len(a.objects) == len(b.objects)
+        assert not np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    result = runner.invoke(app, ["bench", "quality", "--models", "shapes-vit", "--style", "shifted", "--scenes", "1",
+                                 "--methods", "centre", "--resamples", "100", "-q", "--json", str(tmp_path / "q.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "q.json").read_text())["data"] == "held-out shapes world, seed 40000, style shifted"
+    for args, message in ((["--style", "painted"], "unknown style 'painted'"),
+                          (["--style", "varied", "--data", str(tmp_path)], "--style draws generated scenes")):
+        refused = runner.invoke(app, ["bench", "quality", "--models", "shapes-vit", *args])
+        assert refused.exit_code == 2 and message in refused.stderr, refused.output
+        assert len(refused.stderr.strip().splitlines()) == 1

@@ -33,6 +33,7 @@ def quality(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the results here as a PNG.")] = None,
     scenes: Annotated[int, typer.Option("--scenes", min=1, help="Held-out scenes to generate (without --data).")] = DEFAULT_SCENES,
     seed: Annotated[int, typer.Option("--seed", help="Held-out stream (without --data).")] = HELD_OUT_SEED,
+    style: Annotated[str, typer.Option("--style", help="World style of the generated held-out scenes (without --data): classic, varied, or shifted (the style-shifted validation renderer).")] = "classic",
     perturb: Annotated[Perturb, typer.Option("--perturb", help="How perturbation removes tokens: black out their patches (pixels), or mask their keys in every attention layer, as `xattn mask` does (attention).")] = Perturb.pixels,
     sanity: Annotated[bool, typer.Option("--sanity", help="Also randomise the blocks the image passes through, from the top, and report how much each method's maps change (Spearman ρ); flag those that do not.")] = False,
     sanity_scenes: Annotated[int, typer.Option("--sanity-scenes", min=1, help="Scenes used by --sanity.")] = DEFAULT_SANITY_SCENES,
@@ -58,7 +59,7 @@ def quality(
     torch.set_num_threads(threads)
     try:
         result = run_quality(_names(models) or default_models(perturb.value), _names(methods) or DEFAULT_METHODS, data=data,
-                             scenes=scenes, seed=seed, perturb=perturb.value, device=resolve_device(device),
+                             scenes=scenes, seed=seed, style=style, perturb=perturb.value, device=resolve_device(device),
                              resamples=resamples, sanity_scenes=sanity_scenes if sanity else 0, log=log)
     except UsageError as error:
         raise fail(str(error)) from None

@@ -55,7 +55,7 @@ from xattn_cli.eval.metrics import (PERTURBATION_STEPS, bootstrap_ci, energy_in_
 from xattn_cli.io.images import load_image
 from xattn_cli.methods import MAP_EXPLAINERS, MASK_EXPLAINERS, METHODS as REGISTRY, method_names
 from xattn_cli.render import METRIC_LABELS
-from xattn_cli.world.shapes import Scene, SceneObject, scene_at
+from xattn_cli.world.shapes import Scene, SceneObject, check_style, scene_at
 
 SCENE_SIZE = 64  # the bundled models' input size
 METHODS = (*method_names((*MAP_EXPLAINERS, *MASK_EXPLAINERS)), *BASELINES)
@@ -70,9 +70,11 @@ Scenes = list[tuple[str, Scene]]  # (id, scene)
 
 
 # --- data ------------------------------------------------------------------------------------------
-def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> Scenes:
-    """Scenes 0..count−1 of the held-out stream: 2, 3, 4, 2, ... objects, half forced to share a colour or a shape."""
-    return [(f"{seed}-{index:06d}", scene_at(seed, index, size=SCENE_SIZE, n_objects=2 + index % 3))
+def held_out_scenes(count: int, seed: int = HELD_OUT_SEED, style: str = "classic") -> Scenes:
+    """Scenes 0..count−1 of the held-out stream drawn in world style `style`: 2, 3, 4, 2, ... objects, half forced
+    to share a colour or a shape."""
+    check_style(style)
+    return [(f"{seed}-{index:06d}", scene_at(seed, index, size=SCENE_SIZE, n_objects=2 + index % 3, style=style))
             for index in range(count)]
 
 
@@ -608,12 +610,13 @@ def default_models(perturb: str = "pixels") -> list[str]:
 
 
 def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Path | None = None,
-                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, perturb: str = "pixels", device: str = "cpu",
-                resamples: int = 1000, sanity_scenes: int = 0, log: Callable[[str], None] = lambda line: None) -> dict:
+                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, style: str = "classic", perturb: str = "pixels",
+                device: str = "cpu", resamples: int = 1000, sanity_scenes: int = 0,
+                log: Callable[[str], None] = lambda line: None) -> dict:
     """The whole benchmark as a JSON-ready dict (see `format_tables` for the columns).
 
     Args:
-        data: a dataset folder; None generates `scenes` held-out scenes of stream `seed`.
+        data: a dataset folder; None generates `scenes` held-out scenes of stream `seed` in world style `style`.
         perturb: how perturbation takes tokens out, "pixels" or "attention" (see the module docstring).
         sanity_scenes: with N > 0, also the randomisation cascade on the first N scenes.
     Methods that do not apply to a model (surgery on a classifier) are skipped for it, with a log line.
@@ -623,8 +626,10 @@ def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Pa
     from xattn_cli.models.registry import load_model
 
     check_names(models, methods, perturb)
+    if data is not None and style != "classic":
+        raise UsageError("--style draws generated scenes; a dataset folder is drawn already (export it with --style)")
     started = time.perf_counter()
-    scene_list = load_dataset(data) if data is not None else held_out_scenes(scenes, seed)
+    scene_list = load_dataset(data) if data is not None else held_out_scenes(scenes, seed, style)
     rows, sanity = [], []
     for name in models:
         task = task_for(load_model(name, device=device), scene_list, perturb)
@@ -647,7 +652,8 @@ def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Pa
             log(f"{name}: sanity cascade in {time.perf_counter() - sanity_started:.0f} s")
             sanity += [{"model": name, "method": method, "spearman": curve, "flagged": curve[-1] >= SANITY_FLAG}
                        for method, curve in curves.items()]
-    source = str(data) if data is not None else f"held-out shapes world, seed {seed}"
+    source = str(data) if data is not None else f"held-out shapes world, seed {seed}" + (
+        f", style {style}" if style != "classic" else "")
     return {"benchmark": "quality", "xattn": __version__, "data": source, "scenes": len(scene_list),
             "steps": list(PERTURBATION_STEPS), "perturb": perturb, "resamples": resamples, "confidence": CONFIDENCE,
             "rows": rows, "sanity": {"scenes": min(sanity_scenes, len(scene_list)), "flag_at": SANITY_FLAG,
