@@ -198,8 +198,82 @@ def catt_card(model: str, seed: str = "0") -> Callable[[dict], str]:
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 
+
+@dataclass(frozen=True)
+class Shifted:
+    label: str
+    key: str
+    target: float | None = None
+    above: tuple[str, ...] = ()  # figures this one should be at least
+
+
+def shifted_table(model: str, rows: list[Shifted]) -> Callable[[dict], str]:
+    """A card's figures on the style-shifted split (shifted.json): `mean [low, high]`, the issue's bar as the
+    target, and "not met" where the mean is below it or below a figure it should be at least."""
+    def render(result: dict) -> str:
+        figures = result["models"][model]
+        lines = ["| figure (style-shifted split) | mean [95 % interval] |", "| --- | --- |"]
+        for shifted in rows:
+            text = _interval(figures[shifted.key], shifted.target)
+            below = [key for key in shifted.above if figures[shifted.key]["mean"] < figures[key]["mean"]]
+            if below:
+                labels = {row.key: row.label for row in rows}
+                text += " (" + "; ".join(f"≥ {labels[key]}: **not met**" for key in below) + ")"
+            lines.append(f"| {shifted.label} | {text} |")
+        if "demo_total" in figures:
+            lines.append(f"| README demo scenes answered right | {figures['demo_right']} / {figures['demo_total']} |")
+        lines += ["", f"{result['scenes']} scenes per figure from stream {result['seed']} drawn in style "
+                      f"`{result['style']}` (`python benchmarks/shifted.py`); {figures['elapsed_s']:.0f} s."]
+        return "\n".join(lines) + "\n"
+    return render
+
+
+SHIFTED_ROWS = {
+    "vqa": [Shifted("answer accuracy, every question", "accuracy", 0.90),
+            Shifted("colour questions", "accuracy_colour"), Shifted("shape questions", "accuracy_shape"),
+            Shifted("yes/no questions", "accuracy_yes_no"),
+            Shifted("pointing, Chefer relevancy (peak in the asked object)", "pointing_chefer", 0.80,
+                    ("pointing_raw",)),
+            Shifted("pointing, raw attention", "pointing_raw", None, ("pointing_attn-gradcam",)),
+            Shifted("pointing, attention Grad-CAM", "pointing_attn-gradcam")],
+    "clip": [Shifted("zero-shot top-1 over the 36 captions (single objects)", "zero_shot", 0.95),
+             Shifted("CLIP Surgery pointing (each object of 2–4-object scenes)", "pointing_surgery", 0.85),
+             Shifted("the same on scenes where every object shares its colour or shape", "pointing_surgery_shared",
+                     0.80)],
+    "vit": [Shifted("per-shape accuracy (six binary decisions)", "per_shape_accuracy", 0.95),
+            Shifted("pointing, Chefer relevancy", "pointing_chefer", 0.70, ("pointing_rollout", "pointing_raw")),
+            Shifted("pointing, rollout", "pointing_rollout"), Shifted("pointing, raw attention", "pointing_raw"),
+            Shifted("pointing, attention Grad-CAM", "pointing_attn-gradcam")],
+    "detr": [Shifted("mAP@0.5 (interval over scenes)", "map50", 0.90),
+             Shifted("box pointing, Chefer relevancy (peak in the detection's box)", "box_pointing_chefer", 0.95),
+             Shifted("box pointing, raw attention", "box_pointing_raw"),
+             Shifted("box pointing, attention Grad-CAM", "box_pointing_attn-gradcam")],
+}
+SHIFTED_MODELS = {"shapes-lxmert": "vqa", "shapes-visualbert": "vqa", "shapes-clip": "clip", "shapes-vit": "vit",
+                  "shapes-detr": "detr"}
+
+
+def shifted_card(model: str) -> tuple[str, Callable[[dict], str]]:
+    return "shifted.json", shifted_table(model, SHIFTED_ROWS[SHIFTED_MODELS[model]])
+
+
+def shifted_summary(result: dict) -> str:
+    """benchmarks/shifted.md: every model's headline figures against the bars."""
+    lines = ["| model | figure | bar | mean [95 % interval] | met |", "| --- | --- | ---: | --- | --- |"]
+    for model, kind in SHIFTED_MODELS.items():
+        figures = result["models"].get(model)
+        for shifted in SHIFTED_ROWS[kind] if figures else ():
+            if shifted.target is None:
+                continue
+            figure = figures[shifted.key]
+            met = figure["mean"] >= shifted.target
+            lines.append(f"| {model} | {shifted.label} | {shifted.target:.2f} | "
+                         f"{_interval(figure)} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
 CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
-    "assets/weights/shapes-vit.md": {"figures": ("shapes_vit.json", figure_table([
+    "assets/weights/shapes-vit.md": {"shifted": shifted_card("shapes-vit"),
+        "figures": ("shapes_vit.json", figure_table([
         row("per-shape accuracy (six binary decisions)", "per_shape_accuracy", target=0.90),
         row("exact-set accuracy (all six right)", "exact_set_accuracy"),
         row("pointing game, Chefer relevancy (all layers)", "pointing_chefer", bold=True),
@@ -207,7 +281,8 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
         row("pointing game, raw attention (last layer)", "pointing_raw"),
         row("pointing game, attention Grad-CAM (last layer)", "pointing_attn-gradcam"),
     ]))},
-    "assets/weights/shapes-clip.md": {"figures": ("shapes_clip.json", figure_table([
+    "assets/weights/shapes-clip.md": {"shifted": shifted_card("shapes-clip"),
+        "figures": ("shapes_clip.json", figure_table([
         row("zero-shot top-1 over the 36 colour×shape captions, 600 held-out single-object scenes (plain "
             "captions)", "zero_shot_plain", target=0.90),
         row("the same with the 85-template ensemble", "zero_shot_ensemble"),
@@ -215,12 +290,15 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
             "scenes, the scene's captions as texts", "pointing_surgery", target=0.80),
         row("plain patch–text similarity (no surgery), same scenes", "pointing_plain_similarity"),
     ]))},
-    "assets/models/shapes-lxmert/README.md": {"figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
+    "assets/models/shapes-lxmert/README.md": {"shifted": shifted_card("shapes-lxmert"),
+        "figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
         "shapes-lxmert", "bi-modal rules, [CLS] row of R^ti", "last text→vision cross attention, [CLS] row",
         "the same attention, gradient-weighted heads")))},
-    "assets/models/shapes-visualbert/README.md": {"figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
+    "assets/models/shapes-visualbert/README.md": {"shifted": shifted_card("shapes-visualbert"),
+        "figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
         "shapes-visualbert", "all layers, read at the pooled token", "last layer, pooled row", "last layer")))},
-    "assets/models/shapes-detr/README.md": {"figures": ("shapes_multimodal.json", figure_table([
+    "assets/models/shapes-detr/README.md": {"shifted": shifted_card("shapes-detr"),
+        "figures": ("shapes_multimodal.json", figure_table([
         row("held-out mAP@0.5 (500 scenes of stream 13000; every query a detection scored by its best class)",
             "shapes-detr map50", target=0.70),
         row("AP@0.5 " + " / ".join(SHAPES), *(f"shapes-detr ap50_{shape}" for shape in SHAPES)),
@@ -231,6 +309,7 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
         row("per-detection pointing, attention Grad-CAM (the same attention, gradient-weighted heads)",
             "shapes-detr pointing attn-gradcam"),
     ]))},
+    "benchmarks/shifted.md": {"summary": ("shifted.json", shifted_summary)},
     "assets/models/shapes-catt/README.md": {"figures": ("catt.json", catt_card("shapes-catt"))},
     "assets/models/shapes-catt-base/README.md": {"figures": ("catt.json", catt_card("shapes-catt-base"))},
     "benchmarks/catt.md": {"accuracy": ("catt.json", catt_accuracy), "seeds": ("catt.json", catt_seeds),

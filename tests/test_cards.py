@@ -23,6 +23,7 @@ def test_committed_card_equals_its_rendering_from_the_json(card):
 def test_a_changed_figure_reaches_the_card(tmp_path):
     card = "assets/models/shapes-detr/README.md"
     shutil.copy(ROOT / "benchmarks" / "shapes_multimodal.json", tmp_path)
+    shutil.copy(ROOT / "benchmarks" / "shifted.json", tmp_path)
     figures = json.loads((tmp_path / "shapes_multimodal.json").read_text())
     figures["shapes-detr map50"] = 0.5  # below the 0.70 target
     figures["shapes-detr pointing raw"] = figures["shapes-detr pointing chefer"] + 0.01
@@ -39,3 +40,19 @@ def test_a_card_without_its_markers_is_refused():
     text = (ROOT / card).read_text().replace("<!-- /figures:figures -->", "")
     with pytest.raises(ValueError, match="marked tables"):
         cards.render(card, text)
+
+
+def test_a_shifted_figure_below_its_bar_or_below_a_baseline_is_marked(tmp_path):
+    card = "assets/models/shapes-lxmert/README.md"
+    result = json.loads((ROOT / "benchmarks" / "shifted.json").read_text())
+    figures = result["models"]["shapes-lxmert"]
+    figures["accuracy"] = {"mean": 0.95, "low": 0.93, "high": 0.97, "n": 10}
+    figures["pointing_chefer"] = {"mean": 0.85, "low": 0.8, "high": 0.9, "n": 10}
+    figures["pointing_raw"] = {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 10}
+    figures["pointing_attn-gradcam"] = {"mean": 0.3, "low": 0.2, "high": 0.4, "n": 10}
+    (tmp_path / "shifted.json").write_text(json.dumps(result))
+    shutil.copy(ROOT / "benchmarks" / "shapes_multimodal.json", tmp_path)
+    rendered = cards.render(card, (ROOT / card).read_text(), benchmarks=tmp_path)
+    assert "| answer accuracy, every question | **0.950 [0.930, 0.970]** (target ≥ 0.90) |" in rendered
+    assert "| pointing, Chefer relevancy (peak in the asked object) | **0.850 [0.800, 0.900]** (target ≥ 0.80) |" in rendered
+    assert "| pointing, raw attention | 0.200 [0.100, 0.300] (≥ pointing, attention Grad-CAM: **not met**) |" in rendered
