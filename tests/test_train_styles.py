@@ -43,9 +43,9 @@ def _detr(**style):
 
 def _clip(**style):
     from xattn_cli.text import ensemble_templates
-    from xattn_cli.train.shapes_clip import SceneBatches
+    from xattn_cli.train.shapes_clip import training_batch
 
-    return next(iter(SceneBatches(COUNT, SIZE, 1, ensemble_templates(), **style)))[1]
+    return training_batch(1, COUNT, SIZE, ensemble_templates(), **style)[0]
 
 
 def _vit(**style):

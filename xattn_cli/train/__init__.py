@@ -65,12 +65,13 @@ class Checkpoint:
 
 
 def fit(make_batch, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_path: Path, *, steps: int, lr: float,
-        warmup: int, eval_every: int, workers: int) -> None:
+        warmup: int, eval_every: int, workers: int, after_step=None) -> None:
     """The loop of a seeded, resumable recipe: resume from `checkpoint`, then train on `make_batch(step)` (drawn in
     `workers` processes) up to `steps`. `loss_fn(batch)` gives the loss and a dict of named parts to log. Every
     `eval_every` steps and at the last, `evaluate()` adds held-out metrics to that step's log line and the
     checkpoint is saved. One JSON line per step goes to `log_path` (the lines of steps a resumed run replays are
-    dropped first); gradients are clipped to norm 1."""
+    dropped first); gradients are clipped to norm 1; `after_step()`, if given, runs after each optimiser step
+    (e.g. to clamp a parameter)."""
     start = checkpoint.restore()
     keep_log_before(log_path, start)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -86,6 +87,8 @@ def fit(make_batch, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_pa
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             record = {"step": step, "loss": round(loss.item(), 4), **parts, "elapsed_s": round(time.time() - began, 1)}
             if step % eval_every == 0 or step == steps - 1:
                 record.update(evaluate())

@@ -13,9 +13,8 @@ validation split); both go into the weights' metadata.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 
 from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
-from xattn_cli.train import add_style_arguments, lr_at
+from xattn_cli.train import Checkpoint, add_style_arguments, fit
 from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
 from xattn_cli.text import WordTokenizer, build_vocabulary, ensemble_templates
@@ -45,35 +44,30 @@ def normalize_pixels(images: np.ndarray | torch.Tensor, cfg: dict) -> torch.Tens
     return normalize(images, cfg["preprocess"]["mean"], cfg["preprocess"]["std"])
 
 
-class SceneBatches(torch.utils.data.IterableDataset):
-    """Batch `step` of the training stream (drawn in world style `style`) is a pure function of (seed, step)."""
-
-    def __init__(self, batch_size: int, size: int, start_step: int, templates: list[str], style: str = "classic"):
-        self.batch_size, self.size, self.start_step, self.templates = batch_size, size, start_step, templates
-        self.style = style
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            rng = np.random.default_rng([TRAIN_SEED, step, 7])
-            images, present, captions, caption_class = [], [], [], []
-            for i in range(self.batch_size):
-                n_objects = 1 if rng.random() < 0.4 else int(rng.integers(2, 5))
-                scene = scene_at(TRAIN_SEED, step * self.batch_size + i, size=self.size, n_objects=n_objects,
-                                 style=self.style)
-                images.append(np.asarray(scene.image))
-                labels = np.zeros(len(CLASS_CAPTIONS), dtype=np.float32)
-                for obj in scene.objects:
-                    labels[class_index(obj.shape, obj.color)] = 1
-                present.append(labels)
-                obj = scene.objects[int(rng.integers(len(scene.objects)))]
-                caption = obj.caption
-                if rng.random() < 0.5:
-                    caption = self.templates[int(rng.integers(len(self.templates)))].format(caption)
-                captions.append(caption)
-                caption_class.append(class_index(obj.shape, obj.color))
-            yield step, np.stack(images), np.stack(present), captions, np.array(caption_class)
-            step += 1
+def training_batch(step: int, batch_size: int, size: int, templates: list[str], style: str = "classic") -> tuple:
+    """Batch `step` of the training stream (drawn in world style `style`), a pure function of (seed, step): uint8
+    images (B, H, W, 3), the classes present in each (B, 36), one object caption per image (half wrapped in a
+    template) and its class (B,), and the 36 class captions as this step prompts them (half wrapped)."""
+    rng = np.random.default_rng([TRAIN_SEED, step, 7])
+    images, present, captions, caption_class = [], [], [], []
+    for i in range(batch_size):
+        n_objects = 1 if rng.random() < 0.4 else int(rng.integers(2, 5))
+        scene = scene_at(TRAIN_SEED, step * batch_size + i, size=size, n_objects=n_objects, style=style)
+        images.append(np.asarray(scene.image))
+        labels = np.zeros(len(CLASS_CAPTIONS), dtype=np.float32)
+        for obj in scene.objects:
+            labels[class_index(obj.shape, obj.color)] = 1
+        present.append(labels)
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        caption = obj.caption
+        if rng.random() < 0.5:
+            caption = templates[int(rng.integers(len(templates)))].format(caption)
+        captions.append(caption)
+        caption_class.append(class_index(obj.shape, obj.color))
+    prompts = np.random.default_rng([TRAIN_SEED, step, 11])
+    class_prompts = [templates[int(prompts.integers(len(templates)))].format(c) if prompts.random() < 0.5 else c
+                     for c in CLASS_CAPTIONS]
+    return np.stack(images), np.stack(present), captions, np.array(caption_class), class_prompts
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,36 +97,16 @@ def train(args: argparse.Namespace) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = WordTokenizer(build_vocabulary(EXTRA_WORDS), cfg["arch"]["text_cfg"]["context_length"])
-    model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab))
+    model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab)).train()
     shape_head = torch.nn.Linear(cfg["arch"]["embed_dim"], len(SHAPES))
     params = list(model.parameters()) + list(shape_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    start = 0
-    checkpoint = work / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
-        shape_head.load_state_dict(state["shape_head"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"] + 1
-    templates = ensemble_templates()
-    loader = torch.utils.data.DataLoader(
-        SceneBatches(args.batch_size, cfg["arch"]["vision_cfg"]["image_size"], start, templates, args.style),
-        batch_size=None, num_workers=1, prefetch_factor=4)
-    log = open(work / "log.jsonl", "a")
-    model.train()
-    began = time.time()
-    for step, images, present, captions, caption_class in loader:
-        if step >= args.steps:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        rng = np.random.default_rng([TRAIN_SEED, step, 11])
-        class_prompts = [templates[int(rng.integers(len(templates)))].format(c) if rng.random() < 0.5 else c
-                         for c in CLASS_CAPTIONS]
+
+    def loss_fn(batch: tuple) -> tuple[torch.Tensor, dict]:
+        images, present, captions, caption_class, class_prompts = batch
         pixels = normalize_pixels(images, cfg)
         present = torch.as_tensor(present)  # (B, 36)
         tokens = tokenizer(captions + class_prompts)  # (B + 36, ctx)
@@ -144,23 +118,21 @@ def train(args: argparse.Namespace) -> None:
         zero_shot = soft_cross_entropy(logit_scale * image_emb @ class_emb.T, present)
         shapes_present = present.view(-1, len(SHAPES), len(COLORS)).amax(dim=2)  # (B, 6)
         shape_loss = F.binary_cross_entropy_with_logits(shape_head(image_emb * 10), shapes_present)
-        loss = contrastive + zero_shot + args.shape_weight * shape_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        record = {"step": step, "loss": round(loss.item(), 4), "contrastive": round(contrastive.item(), 4),
-                  "zero_shot": round(zero_shot.item(), 4), "shape": round(shape_loss.item(), 4),
-                  "elapsed_s": round(time.time() - began, 1)}
-        if step % args.eval_every == 0 or step == args.steps - 1:
-            record["zero_shot_acc"] = zero_shot_accuracy(model, tokenizer, cfg, style=args.eval_style)
-            torch.save({"model": model.state_dict(), "shape_head": shape_head.state_dict(),
-                        "optimizer": optimizer.state_dict(), "step": step}, work / "checkpoint.tmp")
-            (work / "checkpoint.tmp").replace(checkpoint)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        parts = {"contrastive": contrastive, "zero_shot": zero_shot, "shape": shape_loss}
+        return (contrastive + zero_shot + args.shape_weight * shape_loss,
+                {name: round(part.item(), 4) for name, part in parts.items()})
+
+    @torch.no_grad()
+    def clamp_logit_scale() -> None:
+        model.logit_scale.clamp_(0, math.log(100))
+
+    make_batch = partial(training_batch, batch_size=args.batch_size, size=cfg["arch"]["vision_cfg"]["image_size"],
+                         templates=ensemble_templates(), style=args.style)
+    checkpoint = Checkpoint(work / "checkpoint.pt", {"model": model, "shape_head": shape_head}, optimizer)
+    fit(make_batch, loss_fn, optimizer, checkpoint,
+        lambda: {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, cfg, style=args.eval_style)},
+        work / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, workers=1,
+        after_step=clamp_logit_scale)
     export(model, tokenizer, work, args)
 
 

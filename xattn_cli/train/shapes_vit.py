@@ -9,8 +9,7 @@ the six shapes. Training scenes are drawn in world style `--style` (classic or v
 from __future__ import annotations
 
 import argparse
-import json
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,11 @@ from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
 from xattn_cli.models.base import normalize
 from xattn_cli.models.vit import build_vit
-from xattn_cli.train import add_style_arguments, lr_at
+from xattn_cli.train import Checkpoint, add_style_arguments, fit
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 2, 11_000
+WARMUP = 200  # steps
 
 
 def scene_batch(seed: int, start: int, count: int, size: int, cfg: dict, style: str = "classic"
@@ -40,16 +40,9 @@ def scene_batch(seed: int, start: int, count: int, size: int, cfg: dict, style: 
     return normalize(np.stack(images), cfg["preprocess"]["mean"], cfg["preprocess"]["std"]), torch.tensor(labels)
 
 
-class Batches(torch.utils.data.IterableDataset):
-    def __init__(self, cfg: dict, batch_size: int, start_step: int, style: str = "classic"):
-        self.cfg, self.batch_size, self.start_step, self.style = cfg, batch_size, start_step, style
-
-    def __iter__(self):
-        step = self.start_step
-        size = self.cfg["hf_config"]["image_size"]
-        while True:
-            yield step, *scene_batch(TRAIN_SEED, step * self.batch_size, self.batch_size, size, self.cfg, self.style)
-            step += 1
+def training_batch(step: int, batch_size: int, size: int, cfg: dict, style: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of the training stream: scenes step·B … step·B + B − 1."""
+    return scene_batch(TRAIN_SEED, step * batch_size, batch_size, size, cfg, style)
 
 
 @torch.no_grad()
@@ -69,37 +62,18 @@ def train(args: argparse.Namespace) -> None:
     cfg = load_config("shapes-vit")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = build_vit(cfg)
+    model = build_vit(cfg).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    start, checkpoint = 0, work / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"] + 1
-    loader = torch.utils.data.DataLoader(Batches(cfg, args.batch_size, start, args.style), batch_size=None,
-                                         num_workers=1, prefetch_factor=4)
-    log = open(work / "log.jsonl", "a")
-    began = time.time()
-    model.train()
-    for step, pixels, labels in loader:
-        if step >= args.steps:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, warmup=200)
-        loss = F.binary_cross_entropy_with_logits(model(pixel_values=pixels).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        record = {"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(time.time() - began, 1)}
-        if step % args.eval_every == 0 or step == args.steps - 1:
-            record.update(evaluate(model, cfg, style=args.eval_style))
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                       work / "checkpoint.tmp")
-            (work / "checkpoint.tmp").replace(checkpoint)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        pixels, labels = batch
+        return F.binary_cross_entropy_with_logits(model(pixel_values=pixels).logits, labels), {}
+
+    make_batch = partial(training_batch, batch_size=args.batch_size, size=cfg["hf_config"]["image_size"], cfg=cfg,
+                         style=args.style)
+    fit(make_batch, loss_fn, optimizer, Checkpoint(work / "checkpoint.pt", {"model": model}, optimizer),
+        partial(evaluate, model, cfg, style=args.eval_style), work / "log.jsonl", steps=args.steps, lr=args.lr,
+        warmup=WARMUP, eval_every=args.eval_every, workers=1)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / "shapes-vit.safetensors"),
               metadata={"recipe": "xattn_cli.train.shapes_vit", "steps": str(args.steps), "seed": str(args.seed),
