@@ -4,6 +4,9 @@ models answer right on the README's demo scenes (another renderer again, 224 px)
 
     python benchmarks/shifted.py [--models shapes-lxmert,...] [--scenes 300] [--json shifted.json]
 
+With `--json` naming an existing file of the same settings, the models measured replace their entries and the
+others keep theirs.
+
 Streams: seed 25 000 for every figure (no training run or recipe draws from it), drawn per model as its
 benchmark draws them on its own stream:
 - shapes-lxmert, shapes-visualbert: 1–4 objects; answer accuracy over every question; pointing (the map's peak
@@ -220,6 +223,12 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     result = {"style": STYLE, "seed": SEED, "scenes": args.scenes, "resamples": RESAMPLES, "models": {}}
+    if args.json and Path(args.json).exists():  # measure some models again: the others keep their figures
+        earlier = json.loads(Path(args.json).read_text())
+        if {key: earlier[key] for key in ("style", "seed", "scenes", "resamples")} != {
+                key: result[key] for key in ("style", "seed", "scenes", "resamples")}:
+            raise SystemExit(f"{args.json} holds another run's settings; write to a new file")
+        result["models"] = earlier["models"]
     for name in args.models.split(","):
         started = time.perf_counter()
         adapter = load_model(name, device="cpu")
