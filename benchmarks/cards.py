@@ -271,6 +271,27 @@ def shifted_summary(result: dict) -> str:
                          f"{_interval(figure)} | {'yes' if met else '**no**'} |")
     return "\n".join(lines) + "\n"
 
+def grids_ceiling(result: dict) -> str:
+    """benchmarks/grids.md: the token-share map's pointing and mIoU per grid."""
+    lines = ["| grid (64 px) | pointing ceiling | mIoU ceiling |", "| --- | --- | --- |"]
+    for grid, figures in result["ceiling"].items():
+        lines.append(f"| {grid} | {figures['pointing']:.3f} | {figures['miou']:.3f} |")
+    objects = next(iter(result["ceiling"].values()))["objects"]
+    return "\n".join(lines) + f"\n\n{objects} objects of {result['scenes']} scenes, stream {result['seed']}, style " \
+                                f"`{result['style']}`.\n"
+
+
+def grids_cost(result: dict) -> str:
+    """benchmarks/grids.md: seconds per training step and parameters at 8×8 and 16×16."""
+    lines = ["| architecture | step at 8×8 | step at 16×16 | ratio | parameters 8×8 / 16×16 |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for name, grids in result["cost"].items():
+        coarse, fine = grids["8x8"], grids["16x16"]
+        lines.append(f"| {name} | {coarse['step_s']:.2f} s | {fine['step_s']:.2f} s | "
+                     f"{fine['step_s'] / coarse['step_s']:.1f}× | {coarse['parameters']:,} / {fine['parameters']:,} |")
+    return "\n".join(lines) + f"\n\nBatch {result['batch']}, one thread, median of the timed steps.\n"
+
+
 CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
     "assets/weights/shapes-vit.md": {"shifted": shifted_card("shapes-vit"),
         "figures": ("shapes_vit.json", figure_table([
@@ -310,6 +331,7 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
             "shapes-detr pointing attn-gradcam"),
     ]))},
     "benchmarks/shifted.md": {"summary": ("shifted.json", shifted_summary)},
+    "benchmarks/grids.md": {"ceiling": ("grids.json", grids_ceiling), "cost": ("grids.json", grids_cost)},
     "assets/models/shapes-catt/README.md": {"figures": ("catt.json", catt_card("shapes-catt"))},
     "assets/models/shapes-catt-base/README.md": {"figures": ("catt.json", catt_card("shapes-catt-base"))},
     "benchmarks/catt.md": {"accuracy": ("catt.json", catt_accuracy), "seeds": ("catt.json", catt_seeds),
