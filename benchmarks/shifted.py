@@ -15,6 +15,10 @@ benchmark draws them on its own stream:
 - shapes-clip: zero-shot top-1 over the 36 captions on single-object scenes; CLIP Surgery pointing for each
   object of 2–4-object scenes (half forced to share a colour or a shape), the scene's captions as texts, and
   over the scenes where every object shares its colour or its shape with another.
+Demo scenes: VQA answers to every colour question and to shape questions about a colour one object has;
+surgery maps whose peak lies in the object (masks: the saturated pixels of its colour connected to a pixel
+read by eye);
+ViT's shape set; DETR's detected labels.
 - shapes-vit: per-shape accuracy (six binary decisions) on scenes of 1–3 distinct shapes; pointing for each
   shape present in 2–3-object scenes of distinct shapes, by Chefer, rollout, raw and attention Grad-CAM.
 - shapes-detr: mAP@0.5 on 1–4-object scenes (intervals by resampling scenes); pointing of each detection
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from xattn_cli.eval.detection import average_precision, match
 from xattn_cli.eval.metrics import bootstrap_ci, pointing
@@ -40,19 +44,21 @@ from xattn_cli.explainers.detection import DetectionRelevancy
 from xattn_cli.explainers.vqa import VqaRelevancy
 from xattn_cli.models.detr import boxes_to_pixels
 from xattn_cli.models.registry import load_model
-from xattn_cli.world.shapes import COLORS, SHAPES, scene_at
+from xattn_cli.world.shapes import COLOR_RGB, COLORS, SHAPES, scene_at
 
 SEED, STYLE, SIZE = 25_000, "shifted", 64
 DEMO_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "images"  # in the repository, not the package
 RESAMPLES = 1000
 CAPTIONS = [f"a {color} {shape}" for shape in SHAPES for color in COLORS]
 MODELS = ("shapes-lxmert", "shapes-visualbert", "shapes-clip", "shapes-vit", "shapes-detr")
-DEMO = {  # the README's demo scenes (assets/images), read by eye: (shape, colour) of each object
-    "scene-01": [("square", "orange"), ("circle", "orange"), ("star", "blue")],
-    "scene-02": [("triangle", "red"), ("cross", "purple")],
-    "scene-03": [("star", "orange"), ("triangle", "purple"), ("circle", "purple"), ("ring", "purple")],
-    "scene-04": [("square", "orange")],
+DEMO = {  # the README's demo scenes (assets/images), read by eye: shape, colour and a pixel (x, y) of each object
+    "scene-01": [("square", "orange", (82, 65)), ("circle", "orange", (102, 148)), ("star", "blue", (170, 120))],
+    "scene-02": [("triangle", "red", (65, 145)), ("cross", "purple", (143, 148))],
+    "scene-03": [("star", "orange", (85, 33)), ("triangle", "purple", (180, 62)), ("circle", "purple", (79, 143)),
+                 ("ring", "purple", (141, 140))],
+    "scene-04": [("square", "orange", (150, 115))],
 }
+SATURATED = 60  # max − min of a pixel's RGB: the demo scenes' objects are above it, their grey backgrounds below
 
 
 def interval(values) -> dict:
@@ -70,6 +76,21 @@ def demo_image(name: str) -> Image.Image:
     return Image.open(DEMO_FOLDER / f"{name}.png").convert("RGB")
 
 
+def demo_masks(name: str) -> list[np.ndarray]:
+    """Each demo object's (H, W) mask: the saturated pixels nearest its colour's RGB, connected to its pixel."""
+    rgb = np.asarray(demo_image(name)).astype(float)  # (H, W, 3)
+    saturated = rgb.max(axis=2) - rgb.min(axis=2) > SATURATED  # (H, W)
+    palette = np.array([COLOR_RGB[colour] for colour in COLORS], dtype=float)  # (6, 3)
+    nearest = np.linalg.norm(rgb[:, :, None] - palette, axis=-1).argmin(axis=-1)  # (H, W) colour index
+    masks = []
+    for _, colour, point in DEMO[name]:
+        mine = ((saturated & (nearest == COLORS.index(colour))) * 255).astype(np.uint8)  # (H, W)
+        candidates = Image.fromarray(mine).copy()  # a copy: floodfill leaves array-backed images unchanged
+        ImageDraw.floodfill(candidates, point, 128)
+        masks.append(np.asarray(candidates) == 128)
+    return masks
+
+
 # --- VQA ---------------------------------------------------------------------------------------------------
 def answers(adapter, image: Image.Image, questions: list[str]) -> list[str]:
     with torch.inference_mode():
@@ -81,15 +102,16 @@ def answers(adapter, image: Image.Image, questions: list[str]) -> list[str]:
         return [adapter.answers[k] for k in adapter.answer_logits(batch, expanded).argmax(dim=-1).tolist()]
 
 
-def demo_questions(objects: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def demo_questions(objects: list[tuple]) -> list[tuple[str, str]]:
     """(question, answer): the colour of every shape, and the shape of every colour only one object has."""
-    colours = [colour for _, colour in objects]
-    return ([(f"what colour is the {shape}?", colour) for shape, colour in objects]
-            + [(f"what shape is {colour}?", shape) for shape, colour in objects if colours.count(colour) == 1])
+    colours = [colour for _, colour, *_ in objects]
+    return ([(f"what colour is the {shape}?", colour) for shape, colour, *_ in objects]
+            + [(f"what shape is {colour}?", shape) for shape, colour, *_ in objects if colours.count(colour) == 1])
 
 
 def measure_vqa(adapter, scenes: int) -> dict:
-    right, kinds, hits = [], {"colour": [], "shape": [], "yes_no": []}, {m: [] for m in ("chefer", "raw", "attn-gradcam")}
+    right, kinds = [], {"colour": [], "shape": [], "yes_no": []}
+    hits = {method: [] for method in ("chefer", "raw", "attn-gradcam")}
     task = VqaTask(adapter)
     for index in range(scenes):
         drawn = scene(index)
@@ -134,15 +156,21 @@ def measure_clip(adapter, scenes: int) -> dict:
         hits += scene_hits
         if shares_colour_or_shape_everywhere(drawn):
             shared += scene_hits
+    demo = []
+    for name, objects in DEMO.items():
+        texts = [f"a {colour} {shape}" for shape, colour, _ in objects]
+        maps = task.maps("surgery", demo_image(name), texts)
+        demo += [pointing(heat, mask) == 1.0 for heat, mask in zip(maps, demo_masks(name))]
     return {"zero_shot": interval(zero_shot), "pointing_surgery": interval(hits),
-            "pointing_surgery_shared": interval(shared)}
+            "pointing_surgery_shared": interval(shared), "demo_right": sum(demo), "demo_total": len(demo)}
 
 
 # --- ViT -----------------------------------------------------------------------------------------------------
 def measure_vit(adapter, scenes: int) -> dict:
     decisions = []
     for start in range(0, scenes, 100):
-        drawn = [scene(index, n_objects=1 + index % 3, distinct_shapes=True) for index in range(start, min(start + 100, scenes))]
+        drawn = [scene(index, n_objects=1 + index % 3, distinct_shapes=True)
+                 for index in range(start, min(start + 100, scenes))]
         with torch.inference_mode():
             present = adapter.classify(adapter.preprocess([s.image for s in drawn], adapter.native_size)) > 0  # (S, C)
         for row, s in zip(present, drawn):
@@ -158,7 +186,7 @@ def measure_vit(adapter, scenes: int) -> dict:
             method_hits += [pointing(heat, mask) for heat, (_, mask) in zip(maps, targets)]
     with torch.inference_mode():
         logits = adapter.classify(adapter.preprocess([demo_image(name) for name in DEMO], adapter.native_size))
-    demo = [{shape for shape in SHAPES if row[adapter.target_index(shape)] > 0} == {shape for shape, _ in objects}
+    demo = [{shape for shape in SHAPES if row[adapter.target_index(shape)] > 0} == {shape for shape, *_ in objects}
             for row, objects in zip(logits, DEMO.values())]
     return {"per_shape_accuracy": interval(decisions), **{f"pointing_{m}": interval(v) for m, v in hits.items()},
             "demo_right": sum(demo), "demo_total": len(demo)}
@@ -209,7 +237,7 @@ def measure_detr(adapter, scenes: int) -> dict:
                 hits.append(pointing(target.map, inside))
         figures[f"box_pointing_{method}"] = interval(hits)
     demo = [sorted(t.extra["label"] for t in DetectionRelevancy(adapter, method="raw").explain([demo_image(n)])[0])
-            == sorted(shape for shape, _ in objects) for n, objects in DEMO.items()]
+            == sorted(shape for shape, *_ in objects) for n, objects in DEMO.items()]
     return {**figures, "demo_right": sum(demo), "demo_total": len(demo)}
 
 
@@ -235,7 +263,8 @@ def main() -> None:
         figures = MEASURES[adapter.layout.task](adapter, args.scenes)
         result["models"][name] = {**figures, "elapsed_s": round(time.perf_counter() - started, 1)}
         for key, value in figures.items():
-            text = f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]" if isinstance(value, dict) else value
+            text = (f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]" if isinstance(value, dict)
+                    else value)
             print(f"| {name} | {key} | {text} |", flush=True)
     if args.json:
         with open(args.json, "w") as handle:

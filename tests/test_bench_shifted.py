@@ -44,3 +44,14 @@ def test_every_object_sharing_a_colour_or_a_shape():
     assert shifted.shares_colour_or_shape_everywhere(drawn(("star", "red"), ("star", "blue"), ("ring", "blue")))
     assert not shifted.shares_colour_or_shape_everywhere(drawn(("star", "red"), ("star", "blue"), ("ring", "green")))
     assert not shifted.shares_colour_or_shape_everywhere(drawn(("star", "red")))
+
+
+def test_demo_masks_are_disjoint_objects_around_their_pixels():
+    import numpy as np
+
+    for name, objects in shifted.DEMO.items():
+        masks = shifted.demo_masks(name)
+        assert len(masks) == len(objects)
+        for (_, _, (x, y)), mask in zip(objects, masks):
+            assert mask[y, x] and 500 < mask.sum() < 0.5 * mask.size
+        assert np.sum(masks, axis=0).max() == 1  # no pixel in two objects
