@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from _report import save_json
 from xattn_cli.config import load_config
 from xattn_cli.eval.metrics import mean_threshold_miou, pointing, pool_to_tokens
 from xattn_cli.eval.quality import held_out_scenes
@@ -129,9 +129,7 @@ def main() -> None:
         coarse, fine = result["cost"][name]["8x8"], result["cost"][name]["16x16"]
         print(f"| {name} | 8x8 {coarse['step_s']:.3f} s | 16x16 {fine['step_s']:.3f} s "
               f"({fine['step_s'] / coarse['step_s']:.1f}x) |", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from _report import save_json
 from xattn_cli import __version__
 from xattn_cli.eval import HELD_OUT_SEED
 from xattn_cli.eval.metrics import bootstrap_ci, object_patches, pointing, pool_to_tokens, recall_precision
@@ -154,9 +155,7 @@ def main() -> None:
               "resamples": RESAMPLES, "confidence": CONFIDENCE,
               "models": {name: measure(name, args.scenes) for name in args.models.split(",")}}
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from _report import save_json
 from xattn_cli.eval.detection import average_precision, match
 from xattn_cli.eval.metrics import bootstrap_ci, pointing
 from xattn_cli.eval.quality import ClassifierTask, ClipTask, VqaTask, held_out_scenes
@@ -266,9 +267,7 @@ def main() -> None:
             text = (f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]" if isinstance(value, dict)
                     else value)
             print(f"| {name} | {key} | {text} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    save_json(result, args.json)
 
 
 if __name__ == "__main__":

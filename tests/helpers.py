@@ -78,12 +78,15 @@ def assert_batch_equals_single_runs(explainer, images, atol: float = 1e-5) -> No
 
 
 def load_benchmark(name: str):
-    """The module `benchmarks/<name>.py` (not a package: loaded by path), registered under `name`."""
+    """The module `benchmarks/<name>.py` (not a package: loaded by path), registered under `name`; its folder is
+    on the path, as when the script runs there (it may import a sibling such as `_report`)."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks"
-                                                  / f"{name}.py")
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
