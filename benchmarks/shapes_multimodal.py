@@ -4,6 +4,8 @@ trained for, and the pointing game of each relevancy method.
     python benchmarks/shapes_multimodal.py [--models shapes-lxmert,shapes-visualbert,shapes-detr]
                                            [--scenes 300] [--json FILE]
 
+With `--json` naming an existing file, the models measured replace their figures and the others keep theirs.
+
 VQA (LXMERT, VisualBERT): answer accuracy on every question of the recipe's 500 held-out scenes. Pointing:
 a second held-out stream; every question about one object ("what colour is the star?", "what shape is
 red?", "is there a red star?" when there is) is explained for the answer the model gives, and the image
@@ -18,6 +20,8 @@ Tied peaks count in proportion (`xattn_cli.eval.metrics.pointing`).
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,6 +104,8 @@ def main() -> None:
     figures = {}
     for name in args.models.split(","):
         figures |= measure(name, args.scenes)
+    if args.json and Path(args.json).exists():  # the other models keep their figures
+        figures = json.loads(Path(args.json).read_text()) | figures
     report(figures, args.json)
 
 
