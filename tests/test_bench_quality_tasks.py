@@ -129,6 +129,9 @@ def test_sanity_blocks_are_the_blocks_the_image_passes_through_bottom_first(lxme
     visualbert = load_model("shapes-visualbert", device="cpu")
     assert [id(b) for b in sanity_blocks(visualbert, VqaTask.sanity_streams)] == [
         id(b) for b in visualbert.model.visual_bert.encoder.layer]
+    catt = load_model("shapes-catt", device="cpu")
+    assert [id(b) for b in sanity_blocks(catt, VqaTask.sanity_streams)] == [
+        id(b) for b in (*catt.model.vision, *catt.model.fusion)]
 
 
 def test_every_bundled_model_is_measured_by_default_and_detectors_refuse_attention_masks():

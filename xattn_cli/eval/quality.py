@@ -27,8 +27,8 @@ tokens alone. Tokens are the image patches, the VQA model's grid regions, or DET
 detectors take `pixels` only (DETR's pixel mask also moves its position encoding).
 
 Sanity (cascading randomisation, Adebayo et al. 2018): the blocks the image passes through (the vision
-tower; LXMERT's vision and cross-modality layers; VisualBERT's joint layers; DETR's encoder and decoder;
-not the region stem or the detector's CNN backbone) are re-drawn from the top, one more at each step
+tower; LXMERT's vision and cross-modality layers; VisualBERT's joint layers; CATT's vision and fusion
+layers; DETR's encoder and decoder; not the region stem or the detector's CNN backbone) are re-drawn from the top, one more at each step
 (each parameter from a normal with the parameter's own mean and std), and each method's token relevances
 for the same targets (the trained model's answers and detections) are compared with those on the trained
 model by Spearman correlation. A method whose maps still correlate ≥ 0.5 once every block is random is
@@ -320,7 +320,7 @@ class VqaTask(Task):
     `pixels` blacks out their cells and recomputes the region features, `attention` takes them out of the
     visual attention mask (their keys masked in every layer that reads regions)."""
 
-    sanity_streams = ("vision", "joint")
+    sanity_streams = ("vision", "joint", "text->vision")  # the regions' own layers, then where questions read them
 
     def __init__(self, adapter, perturb: str = "pixels"):
         super().__init__(adapter, perturb)
