@@ -28,11 +28,11 @@ detectors take `pixels` only (DETR's pixel mask also moves its position encoding
 
 Sanity (cascading randomisation, Adebayo et al. 2018): the blocks the image passes through (the vision
 tower; LXMERT's vision and cross-modality layers; VisualBERT's joint layers; CATT's vision and fusion
-layers; DETR's encoder and decoder; not the region stem or the detector's CNN backbone) are re-drawn from the top, one more at each step
-(each parameter from a normal with the parameter's own mean and std), and each method's token relevances
-for the same targets (the trained model's answers and detections) are compared with those on the trained
-model by Spearman correlation. A method whose maps still correlate ≥ 0.5 once every block is random is
-flagged: its maps do not depend on what the model learned.
+layers; DETR's encoder and decoder; not the region stem or the detector's CNN backbone) are re-drawn from
+the top, one more at each step (each parameter from a normal with the parameter's own mean and std), and
+each method's token relevances for the same targets (the trained model's answers and detections) are
+compared with those on the trained model by Spearman correlation. A method whose maps still correlate
+≥ 0.5 once every block is random is flagged: its maps do not depend on what the model learned.
 """
 from __future__ import annotations
 
@@ -338,7 +338,8 @@ class VqaTask(Task):
             regions = self.adapter.regions([scene.image]).to(self.adapter.device)
             logits = self.adapter.answer_logits(self.adapter.tokenize(questions), _repeat(regions, len(questions)))
         answers = logits.argmax(dim=-1).tolist()  # (Q,)
-        return [((question, answer), masks[qa["object"]]) for question, answer, qa in zip(questions, answers, about_one)]
+        return [((question, answer), masks[qa["object"]])
+                for question, answer, qa in zip(questions, answers, about_one)]
 
     def maps(self, method: str, image: Image.Image, targets: list[Target]) -> list[np.ndarray]:
         from xattn_cli.explainers.vqa import VqaRelevancy
@@ -610,8 +611,8 @@ def default_models(perturb: str = "pixels") -> list[str]:
 
 
 def run_quality(models: Sequence[str], methods: Sequence[str], *, data: str | Path | None = None,
-                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, style: str = "classic", perturb: str = "pixels",
-                device: str = "cpu", resamples: int = 1000, sanity_scenes: int = 0,
+                scenes: int = DEFAULT_SCENES, seed: int = HELD_OUT_SEED, style: str = "classic",
+                perturb: str = "pixels", device: str = "cpu", resamples: int = 1000, sanity_scenes: int = 0,
                 log: Callable[[str], None] = lambda line: None) -> dict:
     """The whole benchmark as a JSON-ready dict (see `format_tables` for the columns).
 
@@ -671,8 +672,8 @@ def format_tables(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['method']} | {row['targets']} | " + " | ".join(cells) + " |")
     if result.get("sanity"):
         sanity = result["sanity"]
-        lines += ["", f"Sanity: Spearman ρ with the trained model's maps after randomising the top 1, 2, … "
-                      f"blocks ({sanity['scenes']} scenes); flagged when ρ ≥ {sanity['flag_at']} with all random.", "",
+        lines += ["", f"Sanity: Spearman ρ with the trained model's maps after randomising the top 1, 2, … blocks "
+                      f"({sanity['scenes']} scenes); flagged when ρ ≥ {sanity['flag_at']} with all random.", "",
                   "| model | method | ρ by blocks randomised | flagged |", "| --- | --- | --- | --- |"]
         for row in sanity["rows"]:
             curve = ", ".join(f"{value:.2f}" for value in row["spearman"])
