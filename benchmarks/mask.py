@@ -3,6 +3,9 @@
     python benchmarks/mask.py [--scenes 80] [--models shapes-vit,shapes-clip] [--json mask.json]
     python benchmarks/cards.py   # then render mask.md's tables from mask.json
 
+With `--json` naming an existing file of the same settings, the models measured replace their entries and the
+others keep theirs.
+
 Scenes: the first N of `xattn bench quality`'s held-out stream (seed 40000, 64 px, 2–4 objects). Per scene
 and target, two selections of k = round(λ·N) = 16 of the 64 patches (λ = 0.25): the learned mask (`xattn
 mask` defaults: 100 steps, seed 0) and Chefer relevancy's top 16 patches (its map averaged per patch, ties
@@ -30,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -152,8 +156,14 @@ def main() -> None:
     args = parser.parse_args()
     result = {"benchmark": "mask", "xattn": __version__, "data": f"held-out shapes world, seed {HELD_OUT_SEED}",
               "scenes": args.scenes, "keep_ratio": SETTINGS.ratio, "steps": SETTINGS.steps, "seed": SEED,
-              "resamples": RESAMPLES, "confidence": CONFIDENCE,
-              "models": {name: measure(name, args.scenes) for name in args.models.split(",")}}
+              "resamples": RESAMPLES, "confidence": CONFIDENCE, "models": {}}
+    settings = ("data", "scenes", "keep_ratio", "steps", "seed", "resamples", "confidence")
+    if args.json and Path(args.json).exists():  # measure some models again: the others keep their figures
+        earlier = json.loads(Path(args.json).read_text())
+        if any(earlier[key] != result[key] for key in settings):
+            raise SystemExit(f"{args.json} holds another run's settings; write to a new file")
+        result["models"] = earlier["models"]
+    result["models"] |= {name: measure(name, args.scenes) for name in args.models.split(",")}
     print(json.dumps(result, indent=2))
     save_json(result, args.json)
 
