@@ -1,7 +1,8 @@
 """Mixed precision: bf16 autocast (the CPU's reduced precision) gives the fp32 maps within the documented tolerance.
 
-Documented in README ("Precision"): mean |Δ| ≤ 0.0025 and max |Δ| ≤ 0.03 on [0, 1] maps, about twice what
-these cases measure (CPU, avx2): surgery mean 0.0011 / max 0.0055, chefer on shapes-vit 0.0007 / 0.014,
+Documented in README ("Precision"): mean |Δ| ≤ 0.0025 and max |Δ| ≤ 0.065 on [0, 1] maps, about twice what
+these cases measure (CPU, avx2): surgery mean 0.0011 / max 0.0055, chefer on shapes-vit 0.0010 / 0.032 (the
+weights retrained on the varied world; one pixel of one scene; 0.0007 / 0.014 on the classic-trained ones),
 on shapes-clip 0.0005 / 0.012.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from xattn_cli.explainers.surgery import SurgeryExplainer
 from xattn_cli.models.registry import load_model
 from xattn_cli.world.shapes import scene_at
 
-MEAN_TOLERANCE, MAX_TOLERANCE = 0.0025, 0.03
+MEAN_TOLERANCE, MAX_TOLERANCE = 0.0025, 0.065
 
 
 @pytest.fixture(scope="module")
