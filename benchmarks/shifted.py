@@ -97,10 +97,8 @@ def answers(adapter, image: Image.Image, questions: list[str]) -> list[str]:
     with torch.inference_mode():
         regions = adapter.regions([image]).to(adapter.device)
         batch = adapter.tokenize(questions)
-        expanded = type(regions)(regions.features.expand(len(questions), -1, -1),
-                                 regions.boxes.expand(len(questions), -1, -1),
-                                 regions.mask.expand(len(questions), -1), regions.grid)
-        return [adapter.answers[k] for k in adapter.answer_logits(batch, expanded).argmax(dim=-1).tolist()]
+        logits = adapter.answer_logits(batch, regions.repeat(len(questions)))
+        return [adapter.answers[k] for k in logits.argmax(dim=-1).tolist()]
 
 
 def demo_questions(objects: list[tuple]) -> list[tuple[str, str]]:

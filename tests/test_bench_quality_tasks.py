@@ -87,6 +87,16 @@ def test_vqa_scores_equal_a_literal_blackout_and_the_kept_regions_alone(name, sc
     assert float(blacked[0]) == pytest.approx(float(masked[0]), abs=1e-6)  # nothing removed: the same input
 
 
+def test_regions_repeat_copies_one_image_and_masks_out_what_is_not_kept():
+    regions = Regions(torch.randn(1, 4, 3), torch.rand(1, 4, 4), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), (2, 2))
+    keep = torch.tensor([[True, False, True, True], [False, False, False, True]])
+    repeated = regions.repeat(2, keep)
+    assert torch.equal(repeated.features, regions.features.expand(2, -1, -1))
+    assert torch.equal(repeated.boxes, regions.boxes.expand(2, -1, -1))
+    assert repeated.mask.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert repeated.grid == (2, 2) and regions.repeat(3).mask.tolist() == [[1.0, 1.0, 1.0, 0.0]] * 3
+
+
 def test_detection_targets_match_objects_of_their_class(detr, scene):
     task = DetectionTask(detr)
     assert task.grid == (8, 8)

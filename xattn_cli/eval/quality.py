@@ -336,7 +336,7 @@ class VqaTask(Task):
         questions = [qa["question"] for qa in about_one]
         with torch.inference_mode():
             regions = self.adapter.regions([scene.image]).to(self.adapter.device)
-            logits = self.adapter.answer_logits(self.adapter.tokenize(questions), _repeat(regions, len(questions)))
+            logits = self.adapter.answer_logits(self.adapter.tokenize(questions), regions.repeat(len(questions)))
         answers = logits.argmax(dim=-1).tolist()  # (Q,)
         return [((question, answer), masks[qa["object"]])
                 for question, answer, qa in zip(questions, answers, about_one)]
@@ -355,7 +355,7 @@ class VqaTask(Task):
 
         def perturbed(keep: torch.Tensor):
             if self.perturb == "attention":
-                return _repeat(whole, len(keep), keep)
+                return whole.repeat(len(keep), keep)
             blacked = remove_tokens(rgb, keep, self.grid, torch.zeros(3)).round().byte()  # (S, 3, H, W)
             images = [Image.fromarray(array.permute(1, 2, 0).numpy()) for array in blacked]
             return adapter.regions(images).to(adapter.device)
@@ -371,15 +371,6 @@ class VqaTask(Task):
             return memoised(score)
 
         return [scorer(question, answer) for question, answer in targets]
-
-
-def _repeat(regions, count: int, keep: torch.Tensor | None = None):
-    """One image's regions, `count` times; with `keep` (count, R) bool, the others masked out. (count, R, ...)."""
-    from xattn_cli.models.regions import Regions
-
-    mask = regions.mask.expand(count, -1)  # (count, R)
-    return Regions(regions.features.expand(count, -1, -1), regions.boxes.expand(count, -1, -1),
-                   mask if keep is None else mask * keep.to(mask), regions.grid)
 
 
 class DetectionTask(Task):

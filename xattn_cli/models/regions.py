@@ -39,6 +39,13 @@ class Regions:
     def to(self, device: torch.device | str) -> "Regions":
         return Regions(self.features.to(device), self.boxes.to(device), self.mask.to(device), self.grid)
 
+    def repeat(self, count: int, keep: torch.Tensor | None = None) -> "Regions":
+        """One image's regions (B = 1), `count` times; with `keep` (count, R) bool, the others masked out."""
+        mask = self.mask.expand(count, -1)  # (count, R)
+        features = self.features.expand(count, -1, -1)  # (count, R, D)
+        boxes = self.boxes.expand(count, -1, -1)  # (count, R, 4)
+        return Regions(features, boxes, mask if keep is None else mask * keep.to(mask), self.grid)
+
 
 class RegionSource(Protocol):
     def __call__(self, images: Sequence[Image.Image], names: Sequence[str]) -> Regions: ...
