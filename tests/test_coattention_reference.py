@@ -785,7 +785,8 @@ def test_official_residual_rule_divides_like_the_official_code():
 
 
 def test_npz_regions_and_box_painting(tmp_path):
-    from xattn_cli.models.regions import NpzRegions, regions_to_map
+    from xattn_cli.models.regions import NpzRegions
+    from xattn_cli.tensors import paint_boxes
 
     boxes = np.array([[[0, 0, 20, 10], [10, 5, 40, 30], [0, 0, 0, 0]]], dtype=np.float32)
     np.savez(tmp_path / "f.npz", names=np.array(["cat"]), features=np.ones((1, 3, 8), np.float32), boxes=boxes,
@@ -794,7 +795,8 @@ def test_npz_regions_and_box_painting(tmp_path):
     regions = NpzRegions(tmp_path / "f.npz")([image], ["some/dir/cat.png"])
     assert regions.features.shape == (1, 3, 8) and regions.mask.tolist() == [[1, 1, 0]]
     torch.testing.assert_close(regions.boxes[0, 1], torch.tensor([0.25, 1 / 6, 1.0, 1.0]))
-    painted = regions_to_map(torch.tensor([0.2, 0.7, 5.0]), regions, 0, (30, 40))
+    real = regions.mask[0] > 0
+    painted = paint_boxes(torch.tensor([0.2, 0.7, 5.0])[real], regions.boxes[0][real], (30, 40))
     assert painted.shape == (30, 40)
     assert painted[2, 2] == pytest.approx(0.2) and painted[20, 30] == pytest.approx(0.7)
     assert painted[8, 15] == pytest.approx(0.7)  # overlap: the larger

@@ -35,6 +35,3 @@ def load_config(name: str) -> dict:
         raise KeyError(name)
     return json.loads(path.read_text(encoding="utf-8"))
 
-
-def list_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))

@@ -24,7 +24,6 @@ from PIL import Image
 
 from xattn_cli.errors import ItemError, UsageError
 from xattn_cli.models.base import Adapter
-from xattn_cli.tensors import paint_boxes
 
 
 @dataclass
@@ -162,13 +161,6 @@ class NpzRegions:
         mask = np.arange(regions)[None, :] < np.asarray(self.counts)[rows][:, None]  # (B, R)
         return Regions(torch.from_numpy(self.features[rows]), torch.from_numpy(self.boxes[rows] / scale),
                        torch.from_numpy(mask).float())
-
-
-def regions_to_map(relevance: torch.Tensor, regions: Regions, index: int, size: tuple[int, int]) -> torch.Tensor:
-    """(R,) region relevance of sample `index` → (H, W), unscaled: each pixel takes the largest relevance of
-    the real boxes that cover it (0 where none does)."""
-    real = regions.mask[index] > 0  # (R,)
-    return paint_boxes(relevance[real], regions.boxes[index][real], size)  # (H, W)
 
 
 class RegionVqaAdapter(Adapter):
