@@ -34,4 +34,3 @@ def load_config(name: str) -> dict:
     if not path.is_file():
         raise KeyError(name)
     return json.loads(path.read_text(encoding="utf-8"))
-
