@@ -190,3 +190,14 @@ def test_resume_drops_a_log_line_cut_short_by_a_kill(tmp_path):
     log.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
     keep_log_before(log, 2)
     assert log.read_text() == '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n'
+
+
+def test_resume_under_another_world_style_or_seed_is_refused_and_the_same_options_resume(tmp_path):
+    out = tmp_path / "run"
+    _run("lxmert", tmp_path, out, steps=3)
+    for extra, change in ((["--style", "varied"], "style 'classic' -> 'varied'"), (["--seed", "1"], "seed 0 -> 1")):
+        with pytest.raises(SystemExit, match=change):
+            _run("lxmert", tmp_path, out, steps=5, extra=extra)
+    _run("lxmert", tmp_path, out, steps=5)  # --steps may change
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]

@@ -42,16 +42,27 @@ def step_loader(make_batch, start_step: int, workers: int):
 
 
 class Checkpoint:
-    """Modules, optimizer and step in one file, replaced atomically (a killed run loses at most one interval)."""
+    """Modules, optimizer and step in one file, replaced atomically (a killed run loses at most one interval).
+    `run` names what the weights depend on besides the step (`run_options(args)`: family, world style, colour rule,
+    seed, batch size); a resume under other values is refused, since it would silently train on another stream.
+    `--steps` may change (the cosine tail is recomputed); a file written before `run` was recorded is resumed as
+    it is."""
 
-    def __init__(self, path: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
-        self.path, self.modules, self.optimizer = Path(path), modules, optimizer
+    def __init__(self, path: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                 run: dict | None = None):
+        self.path, self.modules, self.optimizer, self.run = Path(path), modules, optimizer, run or {}
 
     def restore(self) -> int:
         """Load the file if there is one; the step to start from."""
         if not self.path.exists():
             return 0
         state = torch.load(self.path, weights_only=True)
+        differ = {key: (value, self.run.get(key)) for key, value in state.get("run", {}).items()
+                  if self.run.get(key) != value}
+        if differ:
+            changes = ", ".join(f"{key} {was!r} -> {now!r}" for key, (was, now) in differ.items())
+            raise SystemExit(f"error: {self.path} was written by a run with other options ({changes}); "
+                             "resume with the same options or start in a new folder")
         for name, module in self.modules.items():
             module.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -60,8 +71,14 @@ class Checkpoint:
     def save(self, step: int) -> None:
         state = {name: module.state_dict() for name, module in self.modules.items()}
         temporary = self.path.with_suffix(".tmp")
-        torch.save({**state, "optimizer": self.optimizer.state_dict(), "step": step}, temporary)
+        torch.save({**state, "optimizer": self.optimizer.state_dict(), "step": step, "run": self.run}, temporary)
         temporary.replace(self.path)
+
+
+def run_options(args) -> dict:
+    """The recipe options a checkpoint's weights depend on (besides the step): see `Checkpoint`."""
+    keys = ("family", "style", "colour_rule", "seed", "batch_size")
+    return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 
 def fit(make_batch, loss_fn, optimizer, checkpoint: Checkpoint, evaluate, log_path: Path, *, steps: int, lr: float,

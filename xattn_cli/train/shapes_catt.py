@@ -36,7 +36,7 @@ from xattn_cli.device import flush_denormals
 from xattn_cli.dictionary import build_dictionary, describe_entries, gather_tokens, save_dictionary
 from xattn_cli.models.catt import DICTIONARY_FILE, build_catt, save_catt_folder
 from xattn_cli.models.regions import GridRegions
-from xattn_cli.train import Checkpoint, fit, run_arguments, storage_dtype
+from xattn_cli.train import Checkpoint, fit, run_arguments, run_options, storage_dtype
 from xattn_cli.train.shapes_vqa import (
     ANSWERS, TRAIN_SEED, HeldOut, batch_loss, cell_head, evaluate, training_batch, write_tokenizer,
 )
@@ -84,7 +84,7 @@ def fit_model(adapter, head, cfg: dict, out: Path, args: argparse.Namespace, hel
     parameters = [*adapter.model.parameters(), *source.stem.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem, "cell_head": head},
-                            optimizer)
+                            optimizer, run_options(args))
     grid = GridRegions(source.grid, source.cell)
     batches = partial(training_batch, batch_size=args.batch_size, source=grid, size=cfg["image_size"],
                       colour_rule=ColourRule.parse(args.colour_rule), style=args.style)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
-from xattn_cli.train import Checkpoint, add_style_arguments, fit
+from xattn_cli.train import Checkpoint, add_style_arguments, fit, run_options
 from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
 from xattn_cli.text import WordTokenizer, build_vocabulary, ensemble_templates
@@ -128,7 +128,8 @@ def train(args: argparse.Namespace) -> None:
 
     make_batch = partial(training_batch, batch_size=args.batch_size, size=cfg["arch"]["vision_cfg"]["image_size"],
                          templates=ensemble_templates(), style=args.style)
-    checkpoint = Checkpoint(work / "checkpoint.pt", {"model": model, "shape_head": shape_head}, optimizer)
+    checkpoint = Checkpoint(work / "checkpoint.pt", {"model": model, "shape_head": shape_head}, optimizer,
+                            run_options(args))
     fit(make_batch, loss_fn, optimizer, checkpoint,
         lambda: {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, cfg, style=args.eval_style)},
         work / "log.jsonl", steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every, workers=1,

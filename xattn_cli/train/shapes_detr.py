@@ -33,7 +33,7 @@ from xattn_cli.device import flush_denormals
 from xattn_cli.eval.detection import mean_average_precision
 from xattn_cli.models.base import normalize
 from xattn_cli.models.detr import DetrAdapter, boxes_to_pixels
-from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, storage_dtype
+from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, run_options, storage_dtype
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 4, 13_000
@@ -213,7 +213,7 @@ def train(args: argparse.Namespace) -> dict:
     model = adapter.model.train()
     head = cell_head(cfg).to(args.device)
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=1e-4)
-    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "cell_head": head}, optimizer)
+    checkpoint = Checkpoint(out / "checkpoint.pt", {"model": model, "cell_head": head}, optimizer, run_options(args))
     criterion, weights = set_loss(model.config)
     held_out = HeldOut(args.eval_scenes, size, mean, std, args.eval_style)
     draw = partial(training_batch, batch_size=args.batch_size, size=size, mean=mean, std=std, grid=backbone_grid(cfg),

@@ -21,7 +21,7 @@ from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
 from xattn_cli.models.base import normalize
 from xattn_cli.models.vit import build_vit
-from xattn_cli.train import Checkpoint, add_style_arguments, fit
+from xattn_cli.train import Checkpoint, add_style_arguments, fit, run_options
 from xattn_cli.world.shapes import SHAPES, scene_at
 
 TRAIN_SEED, EVAL_SEED = 2, 11_000
@@ -71,7 +71,8 @@ def train(args: argparse.Namespace) -> None:
 
     make_batch = partial(training_batch, batch_size=args.batch_size, size=cfg["hf_config"]["image_size"], cfg=cfg,
                          style=args.style)
-    fit(make_batch, loss_fn, optimizer, Checkpoint(work / "checkpoint.pt", {"model": model}, optimizer),
+    checkpoint = Checkpoint(work / "checkpoint.pt", {"model": model}, optimizer, run_options(args))
+    fit(make_batch, loss_fn, optimizer, checkpoint,
         partial(evaluate, model, cfg, style=args.eval_style), work / "log.jsonl", steps=args.steps, lr=args.lr,
         warmup=WARMUP, eval_every=args.eval_every, workers=1)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

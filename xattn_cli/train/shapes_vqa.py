@@ -32,7 +32,7 @@ from xattn_cli.config import CONFIG_DIR
 from xattn_cli.device import flush_denormals
 from xattn_cli.models.regions import GridRegions, GridStem, StemGridRegions, build_region_vqa
 from xattn_cli.text import WordTokenizer
-from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, storage_dtype
+from xattn_cli.train import Checkpoint, cell_labels, cell_loss, fit, run_arguments, run_options, storage_dtype
 from xattn_cli.world.shapes import COLORS, FREE, SHAPES, ColourRule, scene_at
 
 ANSWERS = [*COLORS, *SHAPES, "yes", "no"]
@@ -179,7 +179,7 @@ def train(args: argparse.Namespace) -> dict:
     parameters = [*adapter.model.parameters(), *source.stem.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
     checkpoint = Checkpoint(out / "checkpoint.pt", {"model": adapter.model, "stem": source.stem, "cell_head": head},
-                            optimizer)
+                            optimizer, run_options(args))
     held_out = HeldOut(source, args.eval_scenes, size, args.eval_style)
     grid = GridRegions(source.grid, source.cell)  # the stem's input pixels, drawn without the stem
     fit(partial(training_batch, batch_size=args.batch_size, source=grid, size=size, style=args.style),
