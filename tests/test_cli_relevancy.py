@@ -101,6 +101,13 @@ def test_hf_vit_folder_and_timm_name(image, tmp_path):
     assert json.loads(result.stdout)["model"] == "timm:vit_tiny_patch16_224"
 
 
+@pytest.mark.parametrize("name, pool", [("test_vit2", "avg"), ("test_vit3", "map")])
+def test_timm_vits_that_pool_their_tokens_are_refused_not_explained_at_a_patch(image, tmp_path, name, pool):
+    result = invoke(image, tmp_path, "--model", f"timm:{name}", "--method", "rollout")
+    assert result.exit_code == 2 and f"global_pool '{pool}'" in result.output, result.output
+    assert "Traceback" not in result.output and not list(tmp_path.glob("**/*.npy"))
+
+
 def test_precision_reaches_the_record_and_fp16_needs_cuda(image, tmp_path):
     result = invoke(image, tmp_path, "--precision", "bf16", "--device", "cpu")
     assert result.exit_code == 0, result.output

@@ -137,6 +137,9 @@ def timm_model(name: str, pretrained: str | None = None, *, trust_checkpoint: bo
     model = timm.create_model(name, pretrained=False, **({} if head is None else {"num_classes": head.shape[0]}))
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise UsageError(f"timm model {name!r} is not a plain ViT; relevancy needs one")
+    if getattr(model, "cls_token", None) is None or model.global_pool != "token":
+        raise UsageError(f"timm model {name!r} pools its image tokens (global_pool {model.global_pool!r}) instead of "
+                         "reading a CLS token; relevancy and token masks explain the CLS token's row")
     if state:
         load_into(model, state, pretrained)
     else:
