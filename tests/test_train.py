@@ -36,3 +36,22 @@ def test_recipe_records_its_world_styles_in_the_weights(tmp_path, recipe, loader
     with safe_open(str(tmp_path / f"{loader}.safetensors"), "pt") as weights:
         metadata = weights.metadata()
     assert metadata["style"] == "varied" and metadata["eval_style"] == "shifted"
+
+
+def test_clip_recipe_fine_tunes_from_exported_weights(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from xattn_cli.config import data_path, load_config
+    from xattn_cli.train import shapes_clip
+
+    bundled = data_path(load_config("shapes-clip")["weights"])
+    shapes_clip.main(["--work", str(tmp_path), "--steps", "1", "--batch-size", "4", "--lr", "1e-12", "--warmup", "1",
+                      "--init", str(bundled)])
+    exported, initial = load_file(tmp_path / "shapes-clip.safetensors"), load_file(bundled)
+    assert exported.keys() == initial.keys()
+    assert all(exported[key].equal(initial[key]) for key in initial)  # a step of lr 1e-12 is lost in fp16
+    with safe_open(str(tmp_path / "shapes-clip.safetensors"), "pt") as weights:
+        assert weights.metadata()["init"] == str(bundled)
+    with pytest.raises(SystemExit, match="init"):  # the checkpoint is a fine-tune: resuming it from scratch is refused
+        shapes_clip.main(["--work", str(tmp_path), "--steps", "2", "--batch-size", "4"])

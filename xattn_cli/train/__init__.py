@@ -43,10 +43,10 @@ def step_loader(make_batch, start_step: int, workers: int):
 
 class Checkpoint:
     """Modules, optimizer and step in one file, replaced atomically (a killed run loses at most one interval).
-    `run` names what the weights depend on besides the step (`run_options(args)`: family, world style, colour rule,
-    seed, batch size); a resume under other values is refused, since it would silently train on another stream.
-    `--steps` may change (the cosine tail is recomputed); a file written before `run` was recorded is resumed as
-    it is."""
+    `run` names what the weights depend on besides the step (`run_options(args)`: family, initial weights, world
+    style, colour rule, seed, batch size); a resume under other values is refused, since it would silently train
+    on another stream. `--steps` may change (the cosine tail is recomputed); a file written before `run` was
+    recorded is resumed as it is."""
 
     def __init__(self, path: str | Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                  run: dict | None = None):
@@ -77,7 +77,7 @@ class Checkpoint:
 
 def run_options(args) -> dict:
     """The recipe options a checkpoint's weights depend on (besides the step): see `Checkpoint`."""
-    keys = ("family", "style", "colour_rule", "seed", "batch_size")
+    keys = ("family", "init", "style", "colour_rule", "seed", "batch_size")
     return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 

@@ -8,7 +8,8 @@ loss against the 36 class captions, and an auxiliary shape head on the image emb
 training) because shape is learnt far more slowly than colour. Half the captions are wrapped in one of
 the 85 ensemble templates so that ensemble prompts stay in distribution. Training scenes are drawn in world style
 `--style` (classic or varied), the held-out zero-shot scenes in `--eval-style` (shifted: the style-shifted
-validation split); both go into the weights' metadata.
+validation split); both go into the weights' metadata. `--init WEIGHTS` fine-tunes exported weights (e.g. the
+classic-world run on the varied world) instead of starting from a random initialisation.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
@@ -98,6 +99,8 @@ def train(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = WordTokenizer(build_vocabulary(EXTRA_WORDS), cfg["arch"]["text_cfg"]["context_length"])
     model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab)).train()
+    if args.init:  # fine-tune: start from exported weights (same architecture and vocabulary)
+        model.load_state_dict({key: value.float() for key, value in load_file(args.init).items()})
     shape_head = torch.nn.Linear(cfg["arch"]["embed_dim"], len(SHAPES))
     params = list(model.parameters()) + list(shape_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -142,7 +145,7 @@ def export(model, tokenizer: WordTokenizer, work: Path, args: argparse.Namespace
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / "shapes-clip.safetensors"),
               metadata={"recipe": "xattn_cli.train.shapes_clip", "steps": str(args.steps), "seed": str(args.seed),
-                        "style": args.style, "eval_style": args.eval_style})
+                        "style": args.style, "eval_style": args.eval_style, "init": args.init or ""})
     tokenizer.save(work / "shapes-clip.vocab.txt")
 
 
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape-weight", type=float, default=0.5)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="start from these exported weights (a shapes-clip .safetensors) instead of "
+                                       "a random initialisation")
     add_style_arguments(parser)
     train(parser.parse_args(argv))
 
