@@ -1,9 +1,10 @@
 """Mixed precision: bf16 autocast (the CPU's reduced precision) gives the fp32 maps within the documented tolerance.
 
 Documented in README ("Precision"): mean |Δ| ≤ 0.0025 and max |Δ| ≤ 0.065 on [0, 1] maps, about twice what
-these cases measure (CPU, avx2): surgery mean 0.0011 / max 0.0055, chefer on shapes-vit 0.0010 / 0.032 (the
-weights retrained on the varied world; one pixel of one scene; 0.0007 / 0.014 on the classic-trained ones),
-on shapes-clip 0.0005 / 0.012.
+these cases measure (CPU, avx2): surgery mean 0.0014 / max 0.0052 (shapes-clip fine-tuned on the varied world;
+0.0011 / 0.0055 on the classic weights), chefer on shapes-vit 0.0010 / 0.032 (the weights retrained on the
+varied world; one pixel of one scene; 0.0007 / 0.014 on the classic-trained ones), on shapes-clip 0.0006 / 0.022
+(0.0005 / 0.012 on the classic weights).
 """
 from __future__ import annotations
 
