@@ -55,3 +55,7 @@ def test_clip_recipe_fine_tunes_from_exported_weights(tmp_path):
         assert weights.metadata()["init"] == str(bundled)
     with pytest.raises(SystemExit, match="init"):  # the checkpoint is a fine-tune: resuming it from scratch is refused
         shapes_clip.main(["--work", str(tmp_path), "--steps", "2", "--batch-size", "4"])
+    vit_weights = data_path(load_config("shapes-vit")["weights"])
+    with pytest.raises(SystemExit, match="does not fit the architecture"):  # refused in one line, nothing trained
+        shapes_clip.main(["--work", str(tmp_path / "wrong"), "--steps", "1", "--init", str(vit_weights)])
+    assert not (tmp_path / "wrong" / "checkpoint.pt").exists()

@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from xattn_cli.config import load_config
 from xattn_cli.device import flush_denormals
+from xattn_cli.errors import UsageError
+from xattn_cli.models.checkpoints import load_into, load_state_dict
 from xattn_cli.train import Checkpoint, add_style_arguments, fit, run_options
 from xattn_cli.models.base import normalize
 from xattn_cli.models.openclip import build_clip
@@ -100,7 +102,10 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = WordTokenizer(build_vocabulary(EXTRA_WORDS), cfg["arch"]["text_cfg"]["context_length"])
     model = build_clip(cfg["arch"], vocab_size=len(tokenizer.vocab)).train()
     if args.init:  # fine-tune: start from exported weights (same architecture and vocabulary)
-        model.load_state_dict({key: value.float() for key, value in load_file(args.init).items()})
+        try:
+            load_into(model, load_state_dict(args.init), args.init)
+        except UsageError as error:
+            raise SystemExit(f"error: {error}") from None
     shape_head = torch.nn.Linear(cfg["arch"]["embed_dim"], len(SHAPES))
     params = list(model.parameters()) + list(shape_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
