@@ -247,7 +247,9 @@ SHIFTED_ROWS = {
     "detr": [Shifted("mAP@0.5 (interval over scenes)", "map50", 0.90),
              Shifted("box pointing, Chefer relevancy (peak in the detection's box)", "box_pointing_chefer", 0.95),
              Shifted("box pointing, raw attention", "box_pointing_raw"),
-             Shifted("box pointing, attention Grad-CAM", "box_pointing_attn-gradcam")],
+             Shifted("box pointing, attention Grad-CAM", "box_pointing_attn-gradcam"),
+             Shifted("scenes detected exactly (each drawn shape, no more, above 0.5)", "scenes_exact"),
+             Shifted("scenes with a duplicate (a shape detected more often than drawn)", "scenes_over_counted")],
 }
 SHIFTED_MODELS = {"shapes-lxmert": "vqa", "shapes-visualbert": "vqa", "shapes-clip": "clip", "shapes-vit": "vit",
                   "shapes-detr": "detr"}

@@ -22,7 +22,9 @@ ViT's shape set; DETR's detected labels.
 - shapes-vit: per-shape accuracy (six binary decisions) on scenes of 1–3 distinct shapes; pointing for each
   shape present in 2–3-object scenes of distinct shapes, by Chefer, rollout, raw and attention Grad-CAM.
 - shapes-detr: mAP@0.5 on 1–4-object scenes (intervals by resampling scenes); pointing of each detection
-  above the CLI's threshold inside its own predicted box, by Chefer, raw and attention Grad-CAM.
+  above the CLI's threshold inside its own predicted box, by Chefer, raw and attention Grad-CAM; the share of
+  scenes whose detections above that threshold are exactly the drawn shapes, and of scenes with a class
+  detected more often than drawn (duplicates, which mAP@0.5 barely charges).
 Intervals resample the items a figure averages (questions, targets, decisions), seeded.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from _report import save_json
 from xattn_cli.eval.detection import average_precision, match
 from xattn_cli.eval.metrics import bootstrap_ci, pointing
 from xattn_cli.eval.quality import ClassifierTask, ClipTask, VqaTask, held_out_scenes
-from xattn_cli.explainers.detection import DetectionRelevancy
+from xattn_cli.explainers.detection import DEFAULT_THRESHOLD, DetectionRelevancy
 from xattn_cli.explainers.vqa import VqaRelevancy
 from xattn_cli.models.detr import boxes_to_pixels
 from xattn_cli.models.registry import load_model
@@ -209,6 +211,12 @@ def scene_detections(adapter, drawn) -> tuple[list[tuple[int, float, bool]], dic
     return found, truths
 
 
+def count_detections(detections: list[tuple[int, float, bool]]) -> dict[int, int]:
+    """Detections per class above the explainer's default threshold: a right scene has its objects' counts."""
+    kept = [label for label, score, _ in detections if score > DEFAULT_THRESHOLD]
+    return {label: kept.count(label) for label in set(kept)}
+
+
 def mean_ap(per_scene: list[tuple[list, dict]]) -> float:
     """mAP@0.5 over the classes with ground truth in these scenes (hits were matched per scene)."""
     aps = []
@@ -226,6 +234,10 @@ def measure_detr(adapter, scenes: int) -> dict:
     resampled = np.quantile([mean_ap([per_scene[i] for i in row]) for row in draws], [0.025, 0.975])
     figures = {"map50": {"mean": mean_ap(per_scene), "low": float(resampled[0]), "high": float(resampled[1]),
                          "n": scenes}}
+    counted = [count_detections(detections) for detections, _ in per_scene]  # per scene: {class: detections}
+    figures["scenes_exact"] = interval([kept == truths for kept, (_, truths) in zip(counted, per_scene)])
+    figures["scenes_over_counted"] = interval([any(n > truths.get(c, 0) for c, n in kept.items())
+                                               for kept, (_, truths) in zip(counted, per_scene)])
     rows, cols = np.mgrid[:SIZE, :SIZE]  # (H, W) pixel indices
     for method in ("chefer", "raw", "attn-gradcam"):
         hits, explainer = [], DetectionRelevancy(adapter, method=method)

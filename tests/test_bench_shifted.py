@@ -1,5 +1,5 @@
-"""benchmarks/shifted.py: its scene-resampled mAP against `eval.detection`, its demo questions and its
-shared-colour-or-shape filter."""
+"""benchmarks/shifted.py: its scene-resampled mAP against `eval.detection`, its per-scene detection counts
+against the explainer's detections, its demo questions and its shared-colour-or-shape filter."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,6 +8,7 @@ import pytest
 
 from helpers import load_benchmark
 from xattn_cli.eval.detection import mean_average_precision
+from xattn_cli.explainers.detection import DetectionRelevancy
 from xattn_cli.models.detr import boxes_to_pixels
 from xattn_cli.models.registry import load_model
 
@@ -29,6 +30,19 @@ def test_per_scene_matching_gives_the_map_of_eval_detection():
         truths.append([(adapter.labels.index(o.shape), o.box) for o in drawn.objects])
     expected = mean_average_precision(detections, truths, threshold=0.5)["map"]
     assert shifted.mean_ap([shifted.scene_detections(adapter, s) for s in scenes]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_detection_counts_are_the_explainers_detections_per_class():
+    import torch
+
+    adapter = load_model("shapes-detr", device="cpu")
+    explainer = DetectionRelevancy(adapter)
+    for drawn in [shifted.scene(index) for index in range(6)]:
+        with torch.no_grad():
+            logits, _ = adapter.detect(adapter.preprocess([drawn.image], adapter.native_size))
+        labels = [label for _, label, _ in explainer.detections(logits)[0]]
+        counted = shifted.count_detections(shifted.scene_detections(adapter, drawn)[0])
+        assert counted == {label: labels.count(label) for label in set(labels)}
 
 
 def test_demo_questions_ask_shapes_only_of_colours_one_object_has():
