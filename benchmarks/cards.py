@@ -273,6 +273,20 @@ def shifted_summary(result: dict) -> str:
                          f"{_interval(figure)} | {'yes' if met else '**no**'} |")
     return "\n".join(lines) + "\n"
 
+def clip_sweep(figures: dict) -> str:
+    """The shapes-clip card's surgery sweep (`shapes_clip.py --sweep`): validation pointing per input size and
+    number of v-v blocks, the best cell bold."""
+    sizes = sorted({int(key.split("_size")[1].split("_")[0]) for key in figures if key.startswith("validation_")})
+    blocks = sorted({int(key.rsplit("blocks", 1)[1]) for key in figures if key.startswith("validation_")})
+    best = max(value for key, value in figures.items() if key.startswith("validation_"))
+    lines = ["| input size | " + " | ".join(f"{count} block{'s' * (count > 1)}" for count in blocks) + " |",
+             "| --- |" + " --- |" * len(blocks)]
+    for size in sizes:
+        values = [figures[f"validation_pointing_size{size}_blocks{count}"] for count in blocks]
+        lines.append(f"| {size} | " + " | ".join(f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def grids_ceiling(result: dict) -> str:
     """benchmarks/grids.md: the token-share map's pointing and mIoU per grid."""
     lines = ["| grid (64 px) | pointing ceiling | mIoU ceiling |", "| --- | --- | --- |"]
@@ -312,7 +326,7 @@ CARDS: dict[str, dict[str, tuple[str, Callable[[dict], str]]]] = {
         row("CLIP Surgery pointing: map peak inside the object, for each object of 300 held-out 2–4-object "
             "scenes, the scene's captions as texts", "pointing_surgery", target=0.80),
         row("plain patch–text similarity (no surgery), same scenes", "pointing_plain_similarity"),
-    ]))},
+    ])), "sweep": ("shapes_clip.json", clip_sweep)},
     "assets/models/shapes-lxmert/README.md": {"shifted": shifted_card("shapes-lxmert"),
         "figures": ("shapes_multimodal.json", figure_table(_vqa_rows(
         "shapes-lxmert", "bi-modal rules, [CLS] row of R^ti", "last text→vision cross attention, [CLS] row",

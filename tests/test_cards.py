@@ -62,3 +62,12 @@ def test_a_shifted_figure_below_its_bar_or_below_a_baseline_is_marked(tmp_path):
     assert "| answer accuracy, every question | **0.950 [0.930, 0.970]** (target ≥ 0.90) |" in rendered
     assert "| pointing, Chefer relevancy (peak in the asked object) | **0.850 [0.800, 0.900]** (target ≥ 0.80) |" in rendered
     assert "| pointing, raw attention | 0.200 [0.100, 0.300] (≥ pointing, attention Grad-CAM: **not met**) |" in rendered
+
+
+def test_clip_sweep_is_a_size_by_blocks_grid_with_the_best_cell_bold():
+    figures = {"validation_pointing_size64_blocks1": 0.2, "validation_pointing_size64_blocks2": 0.5,
+               "validation_pointing_size96_blocks1": 0.3, "validation_pointing_size96_blocks2": 0.4,
+               "zero_shot_plain": 0.9}
+    assert cards.clip_sweep(figures).splitlines() == [
+        "| input size | 1 block | 2 blocks |", "| --- | --- | --- |", "| 64 | 0.200 | **0.500** |",
+        "| 96 | 0.300 | 0.400 |"]
