@@ -47,6 +47,15 @@ def run_meta(explainer: Explainer, device: str) -> dict[str, Any]:
     return {"xattn": __version__, "torch": torch.__version__, "device": device, "seed": 0, **explainer.meta()}
 
 
+def ok_record(image: str, explainer: Explainer, size: tuple[int, int], entries: list[dict[str, Any]],
+              started: float, meta: dict[str, Any]) -> dict[str, Any]:
+    """An explained image's record: its targets' entries (with their overlay and map paths) and the run's meta
+    with the time since `started`. The CLI's batches and the Ray integration both write it."""
+    return {"image": image, "status": "ok", "model": explainer.model_name, "method": explainer.method,
+            "size": list(size), "targets": entries,
+            "meta": {**meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}}
+
+
 def error_record(image: str, explainer: Explainer, error: BaseException) -> dict[str, Any]:
     if isinstance(error, ItemError):
         detail = error.to_record()
@@ -163,13 +172,13 @@ class BatchRunner:
         if isinstance(outcome, BaseException):
             return error_record(path, self.explainer, outcome)
         try:
-            record = self._write(path, image, outcome, namer)
+            entries = self._write(path, image, outcome, namer)
         except OSError as error:
             return error_record(path, self.explainer, error)
-        record["meta"] = {**self.meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}
-        return record
+        return ok_record(path, self.explainer, image.size, entries, started, self.meta)
 
-    def _write(self, path: str, image: Image.Image, targets: list[TargetMap], namer: OutputNamer) -> dict[str, Any]:
+    def _write(self, path: str, image: Image.Image, targets: list[TargetMap], namer: OutputNamer) -> list[dict]:
+        """Each target's entry of the record, after writing its overlay and map files."""
         entries = []
         for target in targets:
             entry = target.to_json()
@@ -191,5 +200,4 @@ class BatchRunner:
                 atomic_save_npy(map_path, target.map)
                 entry["map"] = str(map_path)
             entries.append(entry)
-        return {"image": path, "status": "ok", "model": self.explainer.model_name,
-                "method": self.explainer.method, "size": [image.width, image.height], "targets": entries}
+        return entries

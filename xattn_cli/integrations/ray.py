@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,7 @@ class ExplainBatch:
             self.maps_dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from xattn_cli.runner import error_record, explained
+        from xattn_cli.runner import error_record, explained, ok_record
 
         images = batch[self.image_column]
         names = batch[self.name_column] if self.name_column is not None else [None] * len(images)
@@ -107,7 +106,8 @@ class ExplainBatch:
                 maps.append(NO_MAPS)
                 continue
             try:
-                records.append(self._record(name, image, outcome, started))
+                records.append(ok_record(name, self.explainer, image.size, self._entries(name, outcome), started,
+                                         self.meta))
             except OSError as error:  # a full or unwritable maps_dir: an error record, as in the CLI
                 records.append(error_record(name, self.explainer, error))
                 maps.append(NO_MAPS)
@@ -130,8 +130,8 @@ class ExplainBatch:
             return name, None, error
         return name, image, None
 
-    def _record(self, name: str, image: Image.Image, targets: list[TargetMap], started: float) -> dict[str, Any]:
-        """The record `runner.BatchRunner` writes for an ok image, with `--overlays none`."""
+    def _entries(self, name: str, targets: list[TargetMap]) -> list[dict[str, Any]]:
+        """The targets' entries `runner.BatchRunner` writes with `--overlays none`, after saving their maps."""
         entries = []
         for index, target in enumerate(targets):
             entry = target.to_json()
@@ -142,9 +142,7 @@ class ExplainBatch:
                 atomic_save_npy(map_path, target.map)
                 entry["map"] = str(map_path)
             entries.append(entry)
-        return {"image": name, "status": "ok", "model": self.explainer.model_name, "method": self.explainer.method,
-                "size": [image.width, image.height], "targets": entries,
-                "meta": {**self.meta, "elapsed_ms": round(1000 * (time.perf_counter() - started))}}
+        return entries
 
 
 NO_MAPS = np.zeros((0, 0, 0), np.float32)
