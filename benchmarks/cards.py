@@ -273,6 +273,7 @@ def shifted_summary(result: dict) -> str:
                          f"{_interval(figure)} | {'yes' if met else '**no**'} |")
     return "\n".join(lines) + "\n"
 
+
 def clip_sweep(figures: dict) -> str:
     """The shapes-clip card's surgery sweep (`shapes_clip.py --sweep`): validation pointing per input size and
     number of v-v blocks, the best cell bold."""

@@ -177,7 +177,8 @@ class BatchRunner:
             return error_record(path, self.explainer, error)
         return ok_record(path, self.explainer, image.size, entries, started, self.meta)
 
-    def _write(self, path: str, image: Image.Image, targets: list[TargetMap], namer: OutputNamer) -> list[dict]:
+    def _write(self, path: str, image: Image.Image, targets: list[TargetMap],
+               namer: OutputNamer) -> list[dict[str, Any]]:
         """Each target's entry of the record, after writing its overlay and map files."""
         entries = []
         for target in targets:
